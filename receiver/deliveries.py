@@ -1,0 +1,237 @@
+"""Recording callback deliveries and applying verified ones, exactly once per distinct body."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .apply import ApplyResult, apply_snapshot
+from .models import DeliveryOutcome, Source, WebhookDelivery, utcnow
+from .snapshot import VoucherSnapshot
+from .state_machine import Outcome
+
+MAX_BODY_BYTES = 64 * 1024
+# What a rejected delivery keeps of an oversized body: enough to see what it was.
+TRUNCATED_BODY_BYTES = 4 * 1024
+_HEADER_VALUE_LIMIT = 512
+STORED_HEADERS = (
+    "Content-Type",
+    "Content-Length",
+    "User-Agent",
+    "X-Nonce-Str",
+    "X-Timestamp",
+    "X-Signature",
+    "X-Forwarded-For",
+    "X-Request-Id",
+)
+
+
+class NonceReused(Exception):
+    """A signed nonce was seen before with a different body: a replayed signature."""
+
+
+@dataclass(frozen=True)
+class IncomingCallback:
+    """One callback POST as received: the bytes, the headers we keep, and where it came from."""
+
+    body: bytes
+    headers: dict[str, str]
+    remote_addr: str | None
+    content_type: str | None
+    received_at: datetime = field(default_factory=utcnow)
+
+    @property
+    def body_sha256(self) -> str:
+        """Hash of the exact bytes received."""
+        return hashlib.sha256(self.body).hexdigest()
+
+    @property
+    def nonce(self) -> str | None:
+        """X-Nonce-Str, bounded."""
+        value = self.headers.get("X-Nonce-Str")
+        return value[:128] if value else None
+
+
+def pick_headers(source) -> dict[str, str]:  # noqa: ANN001
+    """The headers worth keeping, each bounded; credentials are never among them."""
+    kept = {}
+    for name in STORED_HEADERS:
+        value = source.get(name)
+        if value is not None:
+            kept[name] = value[:_HEADER_VALUE_LIMIT]
+    return kept
+
+
+@dataclass(frozen=True)
+class CallbackResult:
+    """The outcome of a verified delivery: what to answer RM, and what the apply service did."""
+
+    status: DeliveryOutcome
+    delivery_id: int
+    attempts: int
+    apply: ApplyResult | None = None
+
+
+_STATUS_FOR_OUTCOME = {
+    Outcome.APPLIED: DeliveryOutcome.ACCEPTED,
+    Outcome.ILLEGAL: DeliveryOutcome.ACCEPTED,
+    Outcome.UNKNOWN_STATUS: DeliveryOutcome.ACCEPTED,
+    Outcome.STALE: DeliveryOutcome.STALE,
+    Outcome.DUPLICATE: DeliveryOutcome.DUPLICATE,
+}
+
+
+def _bounded_body(body: bytes, limit: int) -> tuple[str, bool]:
+    return body[:limit].decode("utf-8", errors="replace"), len(body) > limit
+
+
+def _new_delivery(incoming: IncomingCallback, **values) -> WebhookDelivery:  # noqa: ANN003
+    limit = values.pop("body_limit", MAX_BODY_BYTES)
+    body, truncated = _bounded_body(incoming.body, limit)
+    return WebhookDelivery(
+        received_at=incoming.received_at,
+        last_received_at=incoming.received_at,
+        body_sha256=incoming.body_sha256,
+        attempts=1,
+        nonce=incoming.nonce,
+        remote_addr=(incoming.remote_addr or "")[:64] or None,
+        content_type=(incoming.content_type or "")[:255] or None,
+        headers=json.dumps(incoming.headers, sort_keys=True),
+        body=body,
+        body_truncated=truncated,
+        **values,
+    )
+
+
+def record_rejection(
+    session: Session,
+    incoming: IncomingCallback,
+    *,
+    outcome: DeliveryOutcome,
+    http_status: int,
+    error: str,
+    voucher_code: str | None = None,
+) -> int:
+    """Store a rejected delivery (bounded) with why it was rejected; return its id."""
+    limit = TRUNCATED_BODY_BYTES if http_status == 413 else MAX_BODY_BYTES
+    delivery = _new_delivery(
+        incoming,
+        outcome=outcome.value,
+        http_status=http_status,
+        voucher_code=voucher_code,
+        signature_verified=False,
+        error=error[:2000],
+        body_limit=limit,
+    )
+    session.add(delivery)
+    session.flush()
+    return delivery.id
+
+
+def _find_prior(session: Session, incoming: IncomingCallback) -> tuple[WebhookDelivery | None, bool]:
+    """The earlier delivery of these exact bytes, and whether the nonce was used for other bytes."""
+    sha = incoming.body_sha256
+    clauses = [WebhookDelivery.dedupe_key == sha]
+    if incoming.nonce:
+        clauses.append(and_(WebhookDelivery.nonce == incoming.nonce, WebhookDelivery.signature_verified.is_(True)))
+    rows = session.scalars(select(WebhookDelivery).where(or_(*clauses)).limit(10).with_for_update()).all()
+    same = next((row for row in rows if row.dedupe_key == sha), None)
+    reused = any(row.body_sha256 != sha for row in rows if row.nonce == incoming.nonce)
+    return same, reused
+
+
+def accept_verified(session: Session, incoming: IncomingCallback, snapshot: VoucherSnapshot) -> CallbackResult:
+    """Record a signature-verified delivery and apply its snapshot, in the caller's transaction.
+
+    A redelivery of the same bytes bumps ``attempts`` and has no new effect, unless the earlier
+    attempt failed on our side, in which case it is applied now.
+    """
+    prior, nonce_reused = _find_prior(session, incoming)
+    if nonce_reused:
+        raise NonceReused("X-Nonce-Str was already used with a different body")
+    if prior is not None and prior.outcome != DeliveryOutcome.ERROR.value:
+        prior.attempts += 1
+        prior.last_received_at = incoming.received_at
+        return CallbackResult(DeliveryOutcome.DUPLICATE, prior.id, prior.attempts)
+
+    if prior is None:
+        delivery = _new_delivery(
+            incoming,
+            dedupe_key=incoming.body_sha256,
+            outcome=DeliveryOutcome.ACCEPTED.value,
+            http_status=200,
+            voucher_code=snapshot.code,
+            signature_verified=True,
+        )
+        session.add(delivery)
+        session.flush()
+    else:
+        delivery = prior
+        delivery.attempts += 1
+        delivery.last_received_at = incoming.received_at
+        delivery.error = None
+
+    result = apply_snapshot(session, snapshot, source=Source.CALLBACK, delivery_id=delivery.id, now=incoming.received_at)
+    status = _STATUS_FOR_OUTCOME[result.outcome]
+    delivery.outcome = status.value
+    delivery.http_status = 200
+    return CallbackResult(status, delivery.id, delivery.attempts, result)
+
+
+def receive_verified(
+    factory: sessionmaker[Session], incoming: IncomingCallback, snapshot: VoucherSnapshot
+) -> CallbackResult:
+    """Own the transaction for one verified delivery: commit it, or raise with nothing committed.
+
+    Two identical deliveries racing each other collide on the unique dedupe key; the loser
+    retries once and finds the winner's row.
+    """
+    for attempt in range(3):
+        try:
+            with factory.begin() as session:
+                return accept_verified(session, incoming, snapshot)
+        except IntegrityError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def record_failure(
+    factory: sessionmaker[Session], incoming: IncomingCallback, snapshot: VoucherSnapshot | None, error: str
+) -> int:
+    """After a failed apply, commit the delivery as ``error`` in its own transaction so it can be replayed."""
+    with factory.begin() as session:
+        prior = session.scalars(
+            select(WebhookDelivery).where(WebhookDelivery.dedupe_key == incoming.body_sha256).with_for_update()
+        ).one_or_none()
+        if prior is not None:
+            # Only overwrite an earlier failure; a concurrent success stays a success.
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == prior.id, WebhookDelivery.outcome == DeliveryOutcome.ERROR.value)
+                .values(
+                    error=error[:2000],
+                    attempts=WebhookDelivery.attempts + 1,
+                    last_received_at=incoming.received_at,
+                    http_status=500,
+                )
+            )
+            return prior.id
+        delivery = _new_delivery(
+            incoming,
+            dedupe_key=incoming.body_sha256,
+            outcome=DeliveryOutcome.ERROR.value,
+            http_status=500,
+            voucher_code=snapshot.code if snapshot else None,
+            signature_verified=True,
+            error=error[:2000],
+        )
+        session.add(delivery)
+        session.flush()
+        return delivery.id

@@ -1,0 +1,47 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from flask import Blueprint, Response, jsonify
+from sqlalchemy import text
+
+from .db import is_unavailable
+from .runtime import current_runtime
+
+bp = Blueprint("health", __name__)
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+@lru_cache(maxsize=1)
+def migration_head() -> str | None:
+    """The newest Alembic revision this code ships."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """The process is up and serving."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """The database answers and its schema is at the migration head this code expects."""
+    head = migration_head()
+    try:
+        with current_runtime().engine.connect() as conn:
+            current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except Exception as exc:  # noqa: BLE001
+        reason = "database unreachable" if is_unavailable(exc) else "schema not migrated"
+        return jsonify({"status": "unavailable", "database": reason, "expected_revision": head}), 503
+    if current != head:
+        return jsonify({"status": "unavailable", "revision": current, "expected_revision": head}), 503
+    return jsonify({"status": "ready", "revision": current}), 200

@@ -1,0 +1,40 @@
+"""What one process shares across requests: settings, the database engine, and keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+from flask import current_app
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from .config import Settings
+from .db import make_engine, make_session_factory
+from .signature import load_public_key
+
+EXTENSION_KEY = "rm_voucher_sync"
+
+
+@dataclass
+class Runtime:
+    """Process-wide resources, built once from validated settings."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    server_public_key: rsa.RSAPublicKey | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Runtime":
+        """Create the engine (connections open lazily) and load the callback key."""
+        engine = make_engine(
+            settings.database_url, sqlite_synchronous=settings.sqlite_synchronous, pool_size=settings.db_pool_size
+        )
+        key = load_public_key(settings.rm_server_public_key_pem) if settings.rm_server_public_key_pem else None
+        return cls(settings=settings, engine=engine, sessions=make_session_factory(engine), server_public_key=key)
+
+
+def current_runtime() -> Runtime:
+    """The Runtime of the Flask app handling this request or command."""
+    return current_app.extensions[EXTENSION_KEY]

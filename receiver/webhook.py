@@ -1,0 +1,138 @@
+"""The RM voucher callback endpoint: verify, parse, hand to the delivery service, map to a response."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Blueprint, Response, jsonify, request
+
+from . import deliveries
+from .deliveries import MAX_BODY_BYTES, TRUNCATED_BODY_BYTES, IncomingCallback, NonceReused
+from .models import DeliveryOutcome
+from .runtime import current_runtime
+from .signature import SignatureError, verify_signed
+from .snapshot import SnapshotError, VoucherSnapshot, snapshot_from_item, voucher_item_from_envelope
+
+log = logging.getLogger(__name__)
+bp = Blueprint("webhook", __name__)
+
+
+def _read_body() -> tuple[bytes, bool]:
+    """Read at most the allowed size (plus one byte to detect more) without buffering a huge body."""
+    declared = request.content_length
+    if declared is not None and declared > MAX_BODY_BYTES:
+        return request.stream.read(TRUNCATED_BODY_BYTES), True
+    body = request.stream.read(MAX_BODY_BYTES + 1)
+    return body, len(body) > MAX_BODY_BYTES
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def _parse(body: bytes) -> VoucherSnapshot:
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise SnapshotError("body is not UTF-8 JSON") from None
+    return snapshot_from_item(voucher_item_from_envelope(document))
+
+
+def _reject(
+    incoming: IncomingCallback,
+    http_status: int,
+    outcome: DeliveryOutcome,
+    error: str,
+    payload: dict,
+    voucher_code: str | None = None,
+) -> tuple[Response, int]:
+    runtime = current_runtime()
+    try:
+        with runtime.sessions.begin() as session:
+            delivery_id = deliveries.record_rejection(
+                session, incoming, outcome=outcome, http_status=http_status, error=error, voucher_code=voucher_code
+            )
+        log.info("callback rejected", extra={"delivery_id": delivery_id, "status": http_status, "reason": error})
+    except Exception:  # noqa: BLE001 - the answer to a bad request must not depend on the log write
+        log.exception("could not record a rejected callback (%s)", outcome.value)
+    return jsonify(payload), http_status
+
+
+@bp.post("/webhooks/revenuemonster/voucher")
+def voucher_callback() -> tuple[Response, int]:
+    """Receive one RM voucher status callback; 200 only once its effect is committed."""
+    runtime = current_runtime()
+    body, too_large = _read_body()
+    incoming = IncomingCallback(
+        body=body,
+        headers=deliveries.pick_headers(request.headers),
+        remote_addr=request.remote_addr,
+        content_type=request.content_type,
+    )
+    if too_large:
+        return _reject(
+            incoming, 413, DeliveryOutcome.REJECTED_MALFORMED, f"body larger than {MAX_BODY_BYTES} bytes",
+            {"error": "too_large", "detail": f"body must be at most {MAX_BODY_BYTES} bytes"},
+        )
+    if not _is_json(request.mimetype):
+        return _reject(
+            incoming, 415, DeliveryOutcome.REJECTED_MALFORMED, f"content type {request.mimetype or 'missing'!r}",
+            {"error": "unsupported_media_type", "detail": "Content-Type must be application/json"},
+        )
+    try:
+        snapshot = _parse(body)
+    except SnapshotError as exc:
+        return _reject(
+            incoming, 400, DeliveryOutcome.REJECTED_MALFORMED, str(exc), {"error": "malformed", "detail": str(exc)}
+        )
+
+    if runtime.server_public_key is not None:
+        try:
+            verify_signed(
+                runtime.server_public_key,
+                body=body,
+                method="post",
+                signature=request.headers.get("X-Signature"),
+                nonce=request.headers.get("X-Nonce-Str"),
+                timestamp=request.headers.get("X-Timestamp"),
+                max_age_seconds=runtime.settings.signature_max_age_seconds,
+            )
+        except SignatureError as exc:
+            return _reject(
+                incoming, 401, DeliveryOutcome.REJECTED_SIGNATURE, str(exc), {"error": "invalid_signature"},
+                voucher_code=snapshot.code,
+            )
+
+    try:
+        result = deliveries.receive_verified(runtime.sessions, incoming, snapshot)
+    except NonceReused as exc:
+        return _reject(
+            incoming, 401, DeliveryOutcome.REJECTED_SIGNATURE, str(exc), {"error": "invalid_signature"},
+            voucher_code=snapshot.code,
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure must map to a status RM will retry
+        return _failure(incoming, snapshot, exc)
+
+    log.info(
+        "callback %s", result.status.value,
+        extra={"voucher_code": snapshot.code, "delivery_id": result.delivery_id, "attempts": result.attempts},
+    )
+    return jsonify({"status": result.status.value}), 200
+
+
+def _failure(incoming: IncomingCallback, snapshot: VoucherSnapshot, exc: Exception) -> tuple[Response, int]:
+    """Nothing was committed. Database down: 503. Our bug: keep the delivery as `error`, answer 500."""
+    from .db import is_unavailable
+
+    runtime = current_runtime()
+    if is_unavailable(exc):
+        log.warning("database unavailable for callback: %s", type(exc).__name__, extra={"voucher_code": snapshot.code})
+        return jsonify({"error": "unavailable"}), 503
+    log.exception("applying callback failed", extra={"voucher_code": snapshot.code})
+    try:
+        deliveries.record_failure(runtime.sessions, incoming, snapshot, f"{type(exc).__name__}: {exc}")
+    except Exception as second:  # noqa: BLE001
+        log.warning("could not record the failed callback: %s", type(second).__name__)
+        return jsonify({"error": "unavailable"}), 503
+    return jsonify({"error": "internal", "detail": "the callback was stored and will be retried"}), 500
