@@ -64,8 +64,9 @@ def _insert_new(session: Session, snapshot: VoucherSnapshot, source: Source, now
     }
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(Voucher).values(values).on_conflict_do_nothing(index_elements=["code"])
-    return session.execute(stmt).rowcount == 1
+    stmt = insert(Voucher).values(values).on_conflict_do_nothing(index_elements=["code"]).returning(Voucher.id)
+    # RETURNING, not rowcount: psycopg reports -1 for a skipped-or-not ON CONFLICT insert.
+    return session.execute(stmt).first() is not None
 
 
 def _already_recorded(session: Session, code: str, fingerprint: str, outcome: Outcome) -> bool:

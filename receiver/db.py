@@ -18,7 +18,6 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     exc.TimeoutError,
 )
 
-SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
@@ -38,12 +37,14 @@ def is_unavailable(error: BaseException) -> bool:
     )
 
 
-def make_engine(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 10) -> Engine:
+def make_engine(
+    url: str, *, sqlite_synchronous: str = "FULL", sqlite_busy_timeout: float = 10.0, pool_size: int = 10
+) -> Engine:
     """Create an engine tuned for this service: WAL + BEGIN IMMEDIATE on SQLite, a checked pool on PostgreSQL."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = _sqlite_engine(url, parsed.database, sqlite_synchronous)
+        engine = _sqlite_engine(url, parsed.database, sqlite_synchronous, sqlite_busy_timeout)
     else:
         engine = create_engine(
             url,
@@ -59,12 +60,12 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 
     return engine
 
 
-def _sqlite_engine(url: str, database: str | None, synchronous: str) -> Engine:
+def _sqlite_engine(url: str, database: str | None, synchronous: str, busy_timeout: float) -> Engine:
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
-        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+        connect_args={"timeout": busy_timeout, "check_same_thread": False},
     )
 
     @event.listens_for(engine, "connect")
@@ -75,7 +76,7 @@ def _sqlite_engine(url: str, database: str | None, synchronous: str) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -44,6 +44,8 @@ class IncomingCallback:
     headers: dict[str, str]
     remote_addr: str | None
     content_type: str | None
+    # False when only a prefix of an oversized body was read.
+    complete: bool = True
     received_at: datetime = field(default_factory=utcnow)
 
     @property
@@ -104,7 +106,7 @@ def _new_delivery(incoming: IncomingCallback, **values) -> WebhookDelivery:  # n
         content_type=(incoming.content_type or "")[:255] or None,
         headers=json.dumps(incoming.headers, sort_keys=True),
         body=body,
-        body_truncated=truncated,
+        body_truncated=truncated or not incoming.complete,
         **values,
     )
 

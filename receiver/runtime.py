@@ -29,7 +29,10 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> "Runtime":
         """Create the engine (connections open lazily) and load the callback key."""
         engine = make_engine(
-            settings.database_url, sqlite_synchronous=settings.sqlite_synchronous, pool_size=settings.db_pool_size
+            settings.database_url,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            sqlite_busy_timeout=settings.sqlite_busy_timeout_seconds,
+            pool_size=settings.db_pool_size,
         )
         key = load_public_key(settings.rm_server_public_key_pem) if settings.rm_server_public_key_pem else None
         return cls(settings=settings, engine=engine, sessions=make_session_factory(engine), server_public_key=key)

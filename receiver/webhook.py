@@ -69,6 +69,7 @@ def voucher_callback() -> tuple[Response, int]:
         headers=deliveries.pick_headers(request.headers),
         remote_addr=request.remote_addr,
         content_type=request.content_type,
+        complete=not too_large,
     )
     if too_large:
         return _reject(

@@ -1,0 +1,28 @@
+"""Production settings for `gunicorn "receiver:create_app()"` (gunicorn reads ./gunicorn.conf.py itself)."""
+
+import multiprocessing
+import os
+import sys
+
+# Sync workers: each callback is a short CPU + database burst, and a worker per request keeps a
+# slow database from stalling others beyond its own request.
+worker_class = "sync"
+workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() * 2 + 1))
+# A request waits at most SQLITE_BUSY_TIMEOUT_SECONDS (10 s) or the PostgreSQL pool/connect
+# timeouts (5 s); the worker timeout must be longer so those become 503s, not killed workers.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = 20
+keepalive = 5
+
+
+def on_starting(server):  # noqa: ANN001, ANN201
+    """Validate configuration once, before any worker starts: one clear line, then exit."""
+    from receiver.config import ConfigError, load_dotenv_if_present, load_settings
+
+    load_dotenv_if_present()
+    try:
+        load_settings()
+    except ConfigError as exc:
+        sys.stderr.write(f"configuration error: {exc}\n")
+        sys.stderr.flush()
+        os._exit(2)

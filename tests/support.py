@@ -1,0 +1,243 @@
+"""Test helpers that are plain code (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import requests
+from alembic import command
+from alembic.config import Config
+
+from receiver.signature import load_private_key, sign_request
+
+ROOT = Path(__file__).resolve().parent.parent
+CALLBACK_PATH = "/webhooks/revenuemonster/voucher"
+
+
+def alembic_config(url: str) -> Config:
+    """Alembic config for the project's migrations, pointed at ``url``."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["configure_logging"] = False
+    return config
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """alembic upgrade, in-process."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def fresh_settings_env(url: str, vectors: dict, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A complete environment for the app, trusting the test RM server key from a file."""
+    key_file = tmp_path / "rm-server-public.pem"
+    key_file.write_text(vectors["rm_server_public_pem"], encoding="utf-8")
+    env = {
+        "DATABASE_URL": url,
+        "RM_SERVER_PUBLIC_KEY_FILE": str(key_file),
+        "RM_SIGNATURE_MAX_AGE_SECONDS": "900",
+        "SQLITE_BUSY_TIMEOUT_SECONDS": "5",
+        "LOG_LEVEL": "WARNING",
+    }
+    env.update(extra)
+    return env
+
+
+class Signer:
+    """Signs callback bodies with a private key, with a fresh nonce and timestamp each time."""
+
+    def __init__(self, private_pem: str) -> None:
+        self.key = load_private_key(private_pem)
+
+    def headers(self, body: bytes | str, *, timestamp: int | None = None, nonce: str | None = None) -> dict[str, str]:
+        """Content-Type plus RM's three signature headers for a callback body."""
+        signed = sign_request(self.key, method="post", body=body, nonce=nonce, timestamp=timestamp)
+        return {"Content-Type": "application/json", **signed.as_dict()}
+
+
+def rm_time(at: datetime) -> str:
+    """Format a time the way RM does (RFC 3339, UTC, nanoseconds when present)."""
+    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "123Z"
+
+
+BASE_TIME = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def voucher_item(code: str, status: str, step: int = 0, **overrides: Any) -> dict[str, Any]:
+    """An RM voucher object whose updatedAt advances one second per ``step``."""
+    item = {
+        "key": f"key-{code}",
+        "label": "Free coffee",
+        "voucherBatchKey": "batch-1",
+        "type": "CASH",
+        "amount": 500,
+        "discountRate": 0,
+        "minimumSpendAmount": 1000,
+        "origin": "SYSTEM",
+        "imageUrl": "",
+        "memberProfile": None,
+        "assignedAt": "0001-01-01T00:00:00Z",
+        "payload": None,
+        "qrUrl": f"http://api.revenuemonster.my/qr/1/voucher/{code}",
+        "code": code,
+        "isShipping": False,
+        "address": None,
+        "expiry": {"type": "FIXED", "day": 0, "expiredAt": "2027-01-01T00:00:00Z"},
+        "usedAt": "0001-01-01T00:00:00Z",
+        "redeemedAt": "0001-01-01T00:00:00Z",
+        "isDeviceRedeem": False,
+        "status": status,
+        "createdAt": "2025-12-31T00:00:00Z",
+        "updatedAt": rm_time(BASE_TIME + timedelta(seconds=step)),
+    }
+    item.update(overrides)
+    return item
+
+
+def callback_body(item: dict[str, Any], envelope: str = "item") -> bytes:
+    """A callback body in one of RM's two envelopes."""
+    if envelope == "item":
+        doc = {"item": item, "code": "SUCCESS"}
+    else:
+        doc = {"data": item, "eventType": "VOUCHER_STATUS"}
+    return json.dumps(doc).encode("utf-8")
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until ``url`` answers, or fail (early if ``proc`` died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@contextmanager
+def gunicorn_server(env: dict[str, str], *, workers: int = 4, cwd: Path | None = None) -> Iterator[str]:
+    """Run the real web process (`gunicorn "receiver:create_app()"`) and yield its base URL."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RM_", "DATABASE_URL", "OPS_"))}
+    full_env.update(env)
+    full_env["PYTHONPATH"] = str(ROOT)
+    full_env["WEB_CONCURRENCY"] = str(workers)
+    log_path = Path(env.get("TEST_LOG_DIR", "/tmp")) / f"gunicorn-{port}.log"
+    with open(log_path, "w+b") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "receiver:create_app()", "--bind", f"127.0.0.1:{port}"],
+            cwd=str(cwd or ROOT),
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(base + "/healthz", proc=proc)
+            yield base
+        except BaseException:
+            log.seek(0)
+            sys.stderr.write(log.read().decode("utf-8", "replace")[-5000:])
+            raise
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+class TcpProxy:
+    """A loopback TCP proxy that a test can cut and restore, to take a database away mid-run."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.open = True
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([a, b], [], [], 1.0)
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    (b if src is a else a).sendall(data)
+        except OSError:
+            return
+        finally:
+            a.close()
+            b.close()
+
+    def cut(self) -> None:
+        """Refuse new connections and kill the live ones: the database is gone."""
+        self.open = False
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+            self._conns.clear()
+
+    def restore(self) -> None:
+        """Accept and forward connections again."""
+        self.open = True
+
+    def close(self) -> None:
+        """Stop the proxy."""
+        self._stop = True
+        self.cut()
+        self.listener.close()
