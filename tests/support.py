@@ -49,6 +49,8 @@ def fresh_settings_env(url: str, vectors: dict, tmp_path: Path, **extra: str) ->
         "RM_SIGNATURE_MAX_AGE_SECONDS": "900",
         "SQLITE_BUSY_TIMEOUT_SECONDS": "5",
         "LOG_LEVEL": "WARNING",
+        # Where gunicorn_server runs and logs: outside the checkout, one folder per test.
+        "TEST_LOG_DIR": str(tmp_path),
     }
     env.update(extra)
     return env
@@ -137,17 +139,21 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
 
 @contextmanager
 def gunicorn_server(env: dict[str, str], *, workers: int = 4, cwd: Path | None = None) -> Iterator[str]:
-    """Run the real web process (`gunicorn "receiver:create_app()"`) and yield its base URL."""
+    """Run the real web process (`gunicorn "receiver:create_app()"`, production settings) and yield its base URL.
+
+    It runs outside the checkout so a developer's own .env never leaks into a test.
+    """
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RM_", "DATABASE_URL", "OPS_"))}
     full_env.update(env)
     full_env["PYTHONPATH"] = str(ROOT)
     full_env["WEB_CONCURRENCY"] = str(workers)
-    log_path = Path(env.get("TEST_LOG_DIR", "/tmp")) / f"gunicorn-{port}.log"
+    log_path = Path(env["TEST_LOG_DIR"]) / f"gunicorn-{port}.log"
     with open(log_path, "w+b") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "receiver:create_app()", "--bind", f"127.0.0.1:{port}"],
-            cwd=str(cwd or ROOT),
+            [sys.executable, "-m", "gunicorn", "receiver:create_app()", "-c", str(ROOT / "gunicorn.conf.py"),
+             "--bind", f"127.0.0.1:{port}"],
+            cwd=str(cwd or log_path.parent),
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,

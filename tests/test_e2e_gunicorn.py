@@ -1,0 +1,143 @@
+"""End to end through the real web process: `gunicorn "receiver:create_app()"` over HTTP."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from receiver.db import make_engine, make_session_factory
+from receiver.models import Voucher, VoucherEvent, WebhookDelivery
+from tests.support import (
+    CALLBACK_PATH,
+    ROOT,
+    TcpProxy,
+    callback_body,
+    fresh_settings_env,
+    gunicorn_server,
+    voucher_item,
+)
+
+pytestmark = pytest.mark.e2e
+
+STATUSES = ["VALID", "VALID", "ISSUE", "ISSUE", "ISSUE", "REDEEMED", "REDEEMED", "REDEEMED", "REDEEMED", "VOID"]
+
+
+def test_concurrent_deliveries_for_one_code_serialise(migrated_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
+    """50 threads post 10 snapshots of one voucher (5 copies each) in random order, all at once."""
+    snapshots = [callback_body(voucher_item("RACE1", s, step=i, amount=100 + i)) for i, s in enumerate(STATUSES)]
+    posts = [body for body in snapshots for _ in range(5)]
+    random.Random(7).shuffle(posts)
+    env = fresh_settings_env(migrated_url, vectors, tmp_path)
+    barrier = threading.Barrier(len(posts))
+
+    with gunicorn_server(env, workers=4) as base:
+        def send(body: bytes) -> int:
+            headers = rm_signer.headers(body)
+            barrier.wait()
+            return requests.post(base + CALLBACK_PATH, data=body, headers=headers, timeout=30).status_code
+
+        with ThreadPoolExecutor(len(posts)) as pool:
+            codes = list(pool.map(send, posts))
+
+    assert codes == [200] * len(posts)
+    engine = make_engine(migrated_url)
+    try:
+        with make_session_factory(engine)() as s:
+            v = s.scalars(select(Voucher).where(Voucher.code == "RACE1")).one()
+            evs = s.scalars(select(VoucherEvent).where(VoucherEvent.voucher_code == "RACE1")).all()
+            deliveries = s.scalars(select(WebhookDelivery)).all()
+    finally:
+        engine.dispose()
+    assert v.status == "VOID" and v.amount == 109 and v.rm_updated_at.second == 9
+    assert len(evs) == 10 and len({e.snapshot_sha256 for e in evs}) == 10
+    assert {e.outcome for e in evs} <= {"applied", "stale"}
+    assert len(deliveries) == 10 and sum(d.attempts for d in deliveries) == 50
+    assert {d.outcome for d in deliveries} <= {"accepted", "stale", "duplicate"}
+
+
+def test_sqlite_locked_database_is_503_then_recovers(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
+    from tests.support import migrate
+
+    path = tmp_path / "receiver.db"
+    url = f"sqlite:///{path}"
+    migrate(url)
+    env = fresh_settings_env(url, vectors, tmp_path, SQLITE_BUSY_TIMEOUT_SECONDS="1")
+    body = callback_body(voucher_item("DOWN1", "ISSUE"))
+    with gunicorn_server(env, workers=2) as base:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            for _ in range(3):
+                r = requests.post(base + CALLBACK_PATH, data=body, headers=rm_signer.headers(body), timeout=30)
+                assert r.status_code == 503 and r.json() == {"error": "unavailable"}
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert sqlite3.connect(path).execute("SELECT count(*) FROM vouchers").fetchone() == (0,)
+        r = requests.post(base + CALLBACK_PATH, data=body, headers=rm_signer.headers(body), timeout=30)
+        assert r.status_code == 200 and r.json() == {"status": "accepted"}
+    assert sqlite3.connect(path).execute("SELECT status FROM vouchers WHERE code='DOWN1'").fetchone() == ("ISSUE",)
+
+
+@pytest.mark.postgres
+def test_postgres_outage_is_503_then_recovers_without_restart(postgres_admin_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
+    from tests.conftest import create_postgres_database, drop_postgres_database
+    from tests.support import migrate
+
+    real_url = create_postgres_database(postgres_admin_url)
+    proxy = None
+    try:
+        migrate(real_url)
+        parsed = make_url(real_url)
+        proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+        via_proxy = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        env = fresh_settings_env(via_proxy, vectors, tmp_path)
+        first = callback_body(voucher_item("PGDOWN1", "ISSUE", step=1))
+        second = callback_body(voucher_item("PGDOWN1", "VOID", step=2))
+        with gunicorn_server(env, workers=2) as base:
+            def send(body: bytes) -> requests.Response:
+                return requests.post(base + CALLBACK_PATH, data=body, headers=rm_signer.headers(body), timeout=30)
+
+            assert send(first).json() == {"status": "accepted"}
+            proxy.cut()
+            outage = [send(second).status_code for _ in range(4)]
+            assert outage == [503] * 4
+            assert requests.get(base + "/readyz", timeout=30).status_code == 503
+            proxy.restore()
+            r = send(second)
+            assert r.status_code == 200 and r.json() == {"status": "accepted"}
+            assert requests.get(base + "/readyz", timeout=30).status_code == 200
+        engine = make_engine(real_url)
+        try:
+            with make_session_factory(engine)() as s:
+                assert s.scalar(select(Voucher.status).where(Voucher.code == "PGDOWN1")) == "VOID"
+                assert s.scalar(select(func.count()).select_from(VoucherEvent)) == 2
+        finally:
+            engine.dispose()
+    finally:
+        if proxy is not None:
+            proxy.close()
+        drop_postgres_database(postgres_admin_url, real_url)
+
+
+def test_web_process_refuses_to_start_without_a_key(tmp_path) -> None:  # noqa: ANN001
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "receiver:create_app()", "-c", str(ROOT / "gunicorn.conf.py"),
+         "--bind", "127.0.0.1:0"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "configuration error" in line]
+    assert len(errors) == 1 and "RM_SERVER_PUBLIC_KEY" in errors[0]
+    assert "Traceback" not in proc.stderr
