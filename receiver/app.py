@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from flask import Flask, Response, jsonify
 
-from .config import Settings, load_dotenv_if_present, load_settings
+from .config import ConfigError, Settings, load_dotenv_if_present, load_settings
 from .runtime import EXTENSION_KEY, Runtime
 
 
@@ -14,17 +15,23 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the web app; settings default to the environment (and `.env`), validated now."""
     if settings is None:
         load_dotenv_if_present()
-        settings = load_settings()
+        try:
+            settings = load_settings()
+        except ConfigError as exc:
+            # One clear line, not a traceback: this is what an operator sees at start-up.
+            sys.stderr.write(f"configuration error: {exc}\n")
+            raise SystemExit(2) from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = Flask(__name__)
     app.extensions[EXTENSION_KEY] = Runtime.from_settings(settings)
     if settings.insecure_skip_signature:
         app.logger.warning("RM_INSECURE_SKIP_SIGNATURE=1: callbacks are NOT verified; never run this in production")
 
-    from . import health, webhook
+    from . import cli, health, webhook
 
     app.register_blueprint(webhook.bp)
     app.register_blueprint(health.bp)
+    cli.register(app)
 
     @app.errorhandler(404)
     def _not_found(_error) -> tuple[Response, int]:  # noqa: ANN001

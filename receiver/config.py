@@ -39,6 +39,9 @@ class Settings:
     reconcile_concurrency: int = 8
     rm_max_requests_per_second: float = 20.0
     rm_voucher_lookup_method: str = "GET"
+    rm_timeout_seconds: float = 15.0
+    rm_max_retries: int = 4
+    rm_retry_backoff_seconds: float = 0.25
     ops_api_token: str | None = field(default=None, repr=False)
     sqlite_synchronous: str = "FULL"
     sqlite_busy_timeout_seconds: float = 10.0
@@ -194,6 +197,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reconcile_concurrency=_int(env, "RECONCILE_CONCURRENCY", 8, minimum=1, maximum=256),
         rm_max_requests_per_second=_float(env, "RM_MAX_REQUESTS_PER_SECOND", 20.0),
         rm_voucher_lookup_method=lookup,
+        rm_timeout_seconds=_float(env, "RM_TIMEOUT_SECONDS", 15.0),
+        rm_max_retries=_int(env, "RM_MAX_RETRIES", 4, minimum=0, maximum=20),
+        rm_retry_backoff_seconds=_float(env, "RM_RETRY_BACKOFF_SECONDS", 0.25),
         ops_api_token=_get(env, "OPS_API_TOKEN"),
         sqlite_synchronous=synchronous,
         sqlite_busy_timeout_seconds=_float(env, "SQLITE_BUSY_TIMEOUT_SECONDS", 10.0),

@@ -20,14 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .signature import load_private_key, sign_request
 
 INSTANCE = Path("instance")
-PRIVATE_NAME = "dev-rm-server-private.pem"
-PUBLIC_NAME = "dev-rm-server-public.pem"
+DEV_KEY_NAME = "dev-rm-server"
 
 
-def ensure_dev_keys(instance: Path = INSTANCE) -> tuple[Path, Path]:
-    """Create (once) a development RSA key pair standing in for RM's server key; return (private, public)."""
-    instance.mkdir(parents=True, exist_ok=True)
-    private_path, public_path = instance / PRIVATE_NAME, instance / PUBLIC_NAME
+def write_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
+    """Create (once) an RSA key pair ``{name}-private.pem`` / ``{name}-public.pem`` in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = directory / f"{name}-private.pem", directory / f"{name}-public.pem"
     if not private_path.exists() or not public_path.exists():
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         private_path.write_bytes(
@@ -40,6 +39,11 @@ def ensure_dev_keys(instance: Path = INSTANCE) -> tuple[Path, Path]:
             key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
     return private_path, public_path
+
+
+def ensure_dev_keys(instance: Path = INSTANCE) -> tuple[Path, Path]:
+    """The development key pair standing in for RM's server key; return (private, public)."""
+    return write_key_pair(instance, DEV_KEY_NAME)
 
 
 def _rm_time(at: datetime) -> str:
@@ -78,7 +82,7 @@ def sample_item(code: str, status: str, updated: datetime) -> dict:
 
 def send_samples(url: str, instance: Path = INSTANCE) -> int:
     """Post a signed ISSUE, a newer VOID, and a redelivery of the VOID; print each answer."""
-    private_path = instance / PRIVATE_NAME
+    private_path = instance / f"{DEV_KEY_NAME}-private.pem"
     if not private_path.exists():
         print(f"no development key at {private_path}: start the service with scripts/run first", file=sys.stderr)
         return 2

@@ -86,7 +86,7 @@ class DeliveryOutcome(str, enum.Enum):
     ERROR = "error"
 
 
-EVENT_OUTCOMES = (Outcome.APPLIED, Outcome.STALE, Outcome.ILLEGAL, Outcome.UNKNOWN_STATUS)
+EVENT_OUTCOMES = (Outcome.APPLIED, Outcome.STALE, Outcome.ILLEGAL, Outcome.UNKNOWN_STATUS, Outcome.NOT_FOUND)
 
 
 def _in(column: str, values) -> str:  # noqa: ANN001
@@ -140,6 +140,8 @@ class Voucher(Base):
     last_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     needs_reconcile: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Set when RM answered VOUCHER_NOT_FOUND: reconciliation stops polling until RM mentions it again.
+    rm_missing_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_vouchers_status_last_confirmed_at", "status", "last_confirmed_at"),)
 
@@ -209,3 +211,27 @@ class ReconcileRun(Base):
     changed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class SchedulerLease(Base):
+    """Who may run a job right now; an expired lease (crashed holder) can be taken over."""
+
+    __tablename__ = "scheduler_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class BackfillBatch(Base):
+    """Backfill progress per RM voucher batch, so an interrupted backfill resumes where it stopped."""
+
+    __tablename__ = "backfill_batches"
+
+    batch_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    label: Mapped[str | None] = mapped_column(String(500))
+    cursor: Mapped[str | None] = mapped_column(String(500))
+    vouchers_seen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -36,12 +36,14 @@ _ALIASES = {"ISSUED": Status.ISSUE.value, "MARKETPLACE": Status.MARKET_PLACE.val
 
 
 class Outcome(str, enum.Enum):
-    """What became of an observed snapshot; the first four are recorded as voucher_events.outcome."""
+    """What became of an observed snapshot; all but DUPLICATE are recorded as voucher_events.outcome."""
 
     APPLIED = "applied"
     STALE = "stale"
     ILLEGAL = "illegal"
     UNKNOWN_STATUS = "unknown_status"
+    # RM answered VOUCHER_NOT_FOUND for a code we hold (reconciliation); no snapshot to apply.
+    NOT_FOUND = "not_found"
     DUPLICATE = "duplicate"
 
 

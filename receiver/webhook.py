@@ -53,7 +53,7 @@ def _reject(
             delivery_id = deliveries.record_rejection(
                 session, incoming, outcome=outcome, http_status=http_status, error=error, voucher_code=voucher_code
             )
-        log.info("callback rejected", extra={"delivery_id": delivery_id, "status": http_status, "reason": error})
+        log.info("callback rejected %s delivery=%s: %s", http_status, delivery_id, error, extra={"delivery_id": delivery_id})
     except Exception:  # noqa: BLE001 - the answer to a bad request must not depend on the log write
         log.exception("could not record a rejected callback (%s)", outcome.value)
     return jsonify(payload), http_status
@@ -116,8 +116,9 @@ def voucher_callback() -> tuple[Response, int]:
         return _failure(incoming, snapshot, exc)
 
     log.info(
-        "callback %s", result.status.value,
-        extra={"voucher_code": snapshot.code, "delivery_id": result.delivery_id, "attempts": result.attempts},
+        "callback %s code=%s delivery=%s attempts=%s",
+        result.status.value, snapshot.code, result.delivery_id, result.attempts,
+        extra={"voucher_code": snapshot.code, "delivery_id": result.delivery_id},
     )
     return jsonify({"status": result.status.value}), 200
 

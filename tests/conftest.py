@@ -123,3 +123,42 @@ def client(app):  # noqa: ANN001, ANN201
 def db(app):  # noqa: ANN001, ANN201
     """A session factory on the app's database, for assertions."""
     return app.extensions["rm_voucher_sync"].sessions
+
+
+@pytest.fixture
+def fake_rm(vectors: dict):  # noqa: ANN201
+    """A fake RM on a real port: verifies our signatures with the merchant key, signs callbacks as RM's server."""
+    from receiver.fake_rm import FakeRM
+
+    fake = FakeRM(
+        merchant_public_pem=vectors["merchant_public_pem"],
+        server_private_pem=vectors["rm_server_private_pem"],
+        seed=1234,
+    )
+    fake.serve()
+    yield fake
+    fake.shutdown()
+
+
+def rm_client_env(fake, vectors: dict) -> dict[str, str]:  # noqa: ANN001
+    """Environment that points the RM client at a fake RM with the test merchant key."""
+    return {
+        "RM_API_BASE_URL": fake.base_url,
+        "RM_OAUTH_BASE_URL": fake.base_url,
+        "RM_CLIENT_ID": fake.client_id,
+        "RM_CLIENT_SECRET": fake.client_secret,
+        "RM_PRIVATE_KEY": vectors["merchant_private_pem"],
+        "RM_RETRY_BACKOFF_SECONDS": "0.01",
+        "RM_TIMEOUT_SECONDS": "2",
+    }
+
+
+@pytest.fixture
+def rm_client(fake_rm, vectors: dict):  # noqa: ANN001, ANN201
+    """Our RM client, configured from settings, talking to the fake RM."""
+    from receiver.client import RMClient
+
+    settings = load_settings({"RM_INSECURE_SKIP_SIGNATURE": "1", **rm_client_env(fake_rm, vectors)})
+    client = RMClient.from_settings(settings, max_requests_per_second=1000.0)
+    yield client
+    client.close()

@@ -1,4 +1,4 @@
-"""Initial schema: vouchers, voucher_events (append-only), webhook_deliveries, reconcile_runs, voucher_history view.
+"""Initial schema: vouchers, voucher_events (append-only), deliveries, reconciliation runs and leases, backfill progress.
 
 Revision ID: 0001
 Revises:
@@ -19,7 +19,7 @@ Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Time = sa.DateTime(timezone=True)
 
 DELIVERY_OUTCOMES = ("accepted", "duplicate", "stale", "rejected_signature", "rejected_malformed", "error")
-EVENT_OUTCOMES = ("applied", "stale", "illegal", "unknown_status")
+EVENT_OUTCOMES = ("applied", "stale", "illegal", "unknown_status", "not_found")
 
 VOUCHER_HISTORY = """
 CREATE VIEW voucher_history AS
@@ -85,6 +85,7 @@ def upgrade() -> None:
         sa.Column("last_changed_at", Time, nullable=False),
         sa.Column("last_confirmed_at", Time, nullable=True),
         sa.Column("needs_reconcile", sa.Boolean(), server_default=sa.false(), nullable=False),
+        sa.Column("rm_missing_at", Time, nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_vouchers"),
         sa.UniqueConstraint("code", name="uq_vouchers_code"),
     )
@@ -163,6 +164,25 @@ def upgrade() -> None:
     )
     op.create_index("ix_reconcile_runs_started_at", "reconcile_runs", ["started_at"])
 
+    op.create_table(
+        "scheduler_leases",
+        sa.Column("name", sa.String(64), nullable=False),
+        sa.Column("holder", sa.String(255), nullable=False),
+        sa.Column("acquired_at", Time, nullable=False),
+        sa.Column("expires_at", Time, nullable=False),
+        sa.PrimaryKeyConstraint("name", name="pk_scheduler_leases"),
+    )
+    op.create_table(
+        "backfill_batches",
+        sa.Column("batch_key", sa.String(255), nullable=False),
+        sa.Column("label", sa.String(500), nullable=True),
+        sa.Column("cursor", sa.String(500), nullable=True),
+        sa.Column("vouchers_seen", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("started_at", Time, nullable=False),
+        sa.Column("completed_at", Time, nullable=True),
+        sa.PrimaryKeyConstraint("batch_key", name="pk_backfill_batches"),
+    )
+
     op.execute(VOUCHER_HISTORY)
     _create_append_only_guard()
 
@@ -199,6 +219,8 @@ def downgrade() -> None:
         op.execute("DROP TRIGGER IF EXISTS voucher_events_no_update")
         op.execute("DROP TRIGGER IF EXISTS voucher_events_no_delete")
     op.execute("DROP VIEW IF EXISTS voucher_history")
+    op.drop_table("backfill_batches")
+    op.drop_table("scheduler_leases")
     op.drop_table("reconcile_runs")
     op.drop_table("voucher_events")
     op.drop_table("webhook_deliveries")

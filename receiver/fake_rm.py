@@ -1,0 +1,574 @@
+"""A fake RevenueMonster: a real HTTP server that behaves like RM for tests, the demo and benchmarks.
+
+It issues OAuth2 tokens (Basic credentials), checks bearer tokens and request signatures against the
+merchant public key, serves the voucher, batch, redeem, void and chop-stamp endpoints with RM's
+shapes and error codes, injects latency, 429s, 5xx and timeouts, and pushes signed callbacks to a
+receiver on RM's retry schedule with optional loss, duplication and reordering.
+
+Run it alone: ``python -m receiver.fake_rm --port 9100 --vouchers 100`` (prints its keys' paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import random
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import requests
+from cryptography.hazmat.primitives.asymmetric import rsa
+from flask import Flask, Response, jsonify, request
+from werkzeug.serving import make_server
+
+from .signature import SignatureError, load_private_key, load_public_key, sign_request, verify_signed
+
+FINAL = {"VOID", "EXPIRED", "MARKET_PLACE", "COMPLETE"}
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def rm_time(at: datetime) -> str:
+    """RM's time format: RFC 3339 UTC with nanoseconds."""
+    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+
+
+def rm_error(code: str, message: str, status: int) -> tuple[Response, int]:
+    """RM's error shape."""
+    return jsonify({"error": {"code": code, "message": message}}), status
+
+
+@dataclass
+class Faults:
+    """What the fake does to API requests (not to token requests unless ``include_token``)."""
+
+    latency: float = 0.0
+    rate_429: float = 0.0
+    rate_5xx: float = 0.0
+    rate_timeout: float = 0.0
+    timeout_sleep: float = 3.0
+    # Apply the change, then drop the connection before answering (a lost response).
+    drop_after_apply: int = 0
+
+
+@dataclass
+class LoggedRequest:
+    """One API request as the fake saw it."""
+
+    method: str
+    path: str
+    endpoint: str
+    code: str | None
+    status: int
+    started: float
+    finished: float
+
+
+@dataclass
+class CallbackPlan:
+    """How callbacks reach the receiver: RM tries 5 times, ``interval`` apart, until it gets a 200."""
+
+    loss: float = 0.0
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    attempts: int = 5
+    interval: float = 60.0
+    reorder_window: int = 20
+
+
+class FakeRM:
+    """State and behaviour of the fake; ``serve()`` puts it on a real HTTP port."""
+
+    def __init__(
+        self,
+        *,
+        merchant_public_pem: str,
+        server_private_pem: str,
+        client_id: str = "fake-client",
+        client_secret: str = "fake-secret",
+        token_ttl: float = 7200.0,
+        max_skew: float = 120.0,
+        seed: int = 0,
+    ) -> None:
+        self.merchant_key: rsa.RSAPublicKey = load_public_key(merchant_public_pem)
+        self.server_key: rsa.RSAPrivateKey = load_private_key(server_private_pem)
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.token_ttl = token_ttl
+        self.max_skew = max_skew
+        self.rng = random.Random(seed)
+        self.vouchers: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.cards: dict[str, dict[str, Any]] = {}
+        self.tokens: dict[str, float] = {}
+        self.refresh_tokens: dict[str, str] = {}
+        self.token_requests = 0
+        self.faults = Faults()
+        self.log: list[LoggedRequest] = []
+        self.callbacks_sent = 0
+        self.page_size = 100
+        # RM's clock starts at the real time so expiry dates and "stale after" windows behave as in production.
+        self.clock = datetime.now(timezone.utc).replace(microsecond=0)
+        self.lock = threading.RLock()
+        self.base_url = ""
+        self.app = self._build_app()
+        self._server = None
+
+    # -- state --------------------------------------------------------------------------------
+
+    def tick(self) -> datetime:
+        """RM's clock: strictly increasing, so every change has a newer updatedAt."""
+        with self.lock:
+            self.clock += timedelta(milliseconds=1, microseconds=self.rng.randint(0, 999))
+            return self.clock
+
+    def add_batch(self, key: str, label: str = "Batch") -> dict[str, Any]:
+        """Create a voucher batch."""
+        with self.lock:
+            batch = {"key": key, "label": label, "codes": []}
+            self.batches[key] = batch
+            return batch
+
+    def add_voucher(self, code: str, *, batch_key: str = "batch-1", status: str = "VALID", **fields: Any) -> dict:
+        """Create a voucher in RM's shape."""
+        with self.lock:
+            if batch_key not in self.batches:
+                self.add_batch(batch_key, f"Batch {batch_key}")
+            now = self.tick()
+            item = {
+                "key": f"key-{code}",
+                "label": fields.pop("label", "Free gift"),
+                "redemptionRuleKey": None,
+                "voucherBatchKey": batch_key,
+                "type": "GIFT",
+                "amount": 0,
+                "discountRate": 0,
+                "minimumSpendAmount": 0,
+                "origin": "SYSTEM",
+                "imageUrl": "",
+                "memberProfile": None,
+                "redemptionRule": None,
+                "assignedAt": ZERO_TIME,
+                "payload": None,
+                "qrUrl": f"http://api.revenuemonster.my/qr/0/voucher/{code}",
+                "code": code,
+                "isShipping": False,
+                "address": None,
+                "expiry": {"type": "FIXED", "day": 0, "expiredAt": rm_time(now + timedelta(days=90))},
+                "usedAt": ZERO_TIME,
+                "redeemedAt": ZERO_TIME,
+                "isDeviceRedeem": False,
+                "status": status,
+                "voucherComboKey": None,
+                "isMarketPlace": False,
+                "createdAt": rm_time(now),
+                "updatedAt": rm_time(now),
+            }
+            item.update(fields)
+            self.vouchers[code] = item
+            self.batches[batch_key]["codes"].append(code)
+            return dict(item)
+
+    def set_status(self, code: str, status: str, **fields: Any) -> dict[str, Any]:
+        """Change a voucher as RM would (new updatedAt); return the new snapshot."""
+        with self.lock:
+            item = self.vouchers[code]
+            now = self.tick()
+            item["status"] = status
+            if status == "ISSUE" and item["assignedAt"] == ZERO_TIME:
+                item["assignedAt"] = rm_time(now)
+            if status == "REDEEMED":
+                item["redeemedAt"] = rm_time(now)
+            if status == "VOID":
+                item["usedAt"] = rm_time(now)
+            item.update(fields)
+            item["updatedAt"] = rm_time(now)
+            return json.loads(json.dumps(item))
+
+    def remove_voucher(self, code: str) -> None:
+        """RM forgets a voucher (Get Voucher By Code then answers VOUCHER_NOT_FOUND)."""
+        with self.lock:
+            self.vouchers.pop(code, None)
+
+    def expire_tokens(self) -> None:
+        """Make every issued access token invalid, as after RM rotates them."""
+        with self.lock:
+            self.tokens = {t: 0.0 for t in self.tokens}
+
+    def requests_for(self, endpoint: str) -> list[LoggedRequest]:
+        """Logged API requests of one kind."""
+        with self.lock:
+            return [r for r in self.log if r.endpoint == endpoint]
+
+    def create_vouchers(self, count: int, *, prefix: str = "V", batches: int = 4) -> list[str]:
+        """Create ``count`` VALID vouchers spread over ``batches`` batches; return their codes."""
+        codes = [f"{prefix}{i:06d}" for i in range(count)]
+        for i, code in enumerate(codes):
+            self.add_voucher(code, batch_key=f"batch-{i % batches}")
+        return codes
+
+    def live(self, codes: Iterable[str]) -> list[dict[str, Any]]:
+        """Walk each voucher through a random life from VALID; return every change's snapshot, in RM's order."""
+        paths = [
+            [],
+            ["ISSUE"],
+            ["ISSUE", "REDEEMED"],
+            ["ISSUE", "VOID"],
+            ["ISSUE", "REDEEMED", "VOID"],
+            ["ISSUE", "REDEEMED", "EXPIRED"],
+            ["ISSUE", "EXPIRED"],
+            ["MARKET_PLACE"],
+            ["ISSUE", "ISSUE"],
+        ]
+        lives = {code: list(self.rng.choice(paths)) for code in codes}
+        changes: list[dict[str, Any]] = []
+        # Interleave vouchers, as real traffic does: one step of a random voucher at a time.
+        active = [code for code, path in lives.items() if path]
+        while active:
+            code = self.rng.choice(active)
+            status = lives[code].pop(0)
+            changes.append(self.set_status(code, status, label=f"Free gift ({status.lower()})"))
+            if not lives[code]:
+                active.remove(code)
+        return changes
+
+    # -- callbacks ----------------------------------------------------------------------------
+
+    def callback_body(self, item: dict[str, Any]) -> bytes:
+        """The callback envelope from RM's voucher overview page."""
+        return json.dumps({"item": item, "code": "SUCCESS"}).encode("utf-8")
+
+    def post_callback(self, url: str, item: dict[str, Any], plan: CallbackPlan) -> int | None:
+        """Deliver one callback on RM's schedule: up to ``plan.attempts`` tries until HTTP 200."""
+        body = self.callback_body(item)
+        status = None
+        for attempt in range(plan.attempts):
+            signed = sign_request(self.server_key, method="post", body=body)
+            headers = {"Content-Type": "application/json", **signed.as_dict()}
+            try:
+                status = requests.post(url, data=body, headers=headers, timeout=10).status_code
+            except requests.RequestException:
+                status = None
+            with self.lock:
+                self.callbacks_sent += 1
+            if status == 200:
+                return status
+            if attempt + 1 < plan.attempts:
+                time.sleep(plan.interval)
+        return status
+
+    def plan_deliveries(self, snapshots: Iterable[dict[str, Any]], plan: CallbackPlan) -> list[dict[str, Any]]:
+        """Apply loss, duplication and reordering to a stream of snapshots (the callbacks RM would push)."""
+        out: list[dict[str, Any]] = []
+        for snap in snapshots:
+            if self.rng.random() < plan.loss:
+                continue
+            out.append(snap)
+            if self.rng.random() < plan.duplicate:
+                out.append(snap)
+        for i in range(len(out)):
+            if self.rng.random() < plan.reorder:
+                j = min(len(out) - 1, i + self.rng.randint(1, plan.reorder_window))
+                out[i], out[j] = out[j], out[i]
+        return out
+
+    def deliver(self, url: str, snapshots: list[dict[str, Any]], plan: CallbackPlan, *, workers: int = 8) -> list[int | None]:
+        """Send planned callbacks with ``workers`` in flight, each on RM's retry schedule."""
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda s: self.post_callback(url, s, plan), snapshots))
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def _check_auth(self) -> tuple[Response, int] | None:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            return rm_error("UNAUTHORIZED", "missing bearer token", 401)
+        expires = self.tokens.get(header[7:])
+        if expires is None or expires < time.time():
+            return rm_error("INVALID_ACCESS_TOKEN", "access token is invalid or expired", 401)
+        if not all(request.headers.get(h) for h in ("X-Signature", "X-Nonce-Str", "X-Timestamp")):
+            return rm_error("INVALID_REQUEST_SIGNATURE", "X-Signature, X-Nonce-Str and X-Timestamp are required", 400)
+        timestamp = request.headers.get("X-Timestamp", "")
+        if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > self.max_skew:
+            return rm_error("INVALID_TIMESTAMP", "X-Timestamp is too far from RM's clock", 400)
+        raw_uri = request.environ.get("REQUEST_URI") or request.environ.get("RAW_URI") or request.full_path
+        try:
+            verify_signed(
+                self.merchant_key,
+                body=request.get_data(),
+                method=request.method,
+                signature=request.headers.get("X-Signature"),
+                nonce=request.headers.get("X-Nonce-Str"),
+                timestamp=timestamp,
+                request_url=self.base_url + raw_uri,
+            )
+        except SignatureError:
+            return rm_error("INVALID_REQUEST_SIGNATURE", "request signature is invalid", 400)
+        return None
+
+    def _inject_faults(self) -> tuple[Response, int] | None:
+        f = self.faults
+        if f.latency:
+            time.sleep(f.latency)
+        roll = self.rng.random()
+        if roll < f.rate_429:
+            return rm_error("TOO_MANY_REQUESTS", "rate limit exceeded", 429)
+        if roll < f.rate_429 + f.rate_5xx:
+            return rm_error("INTERNAL_SERVER_ERROR", "something went wrong", self.rng.choice([500, 502, 503]))
+        if roll < f.rate_429 + f.rate_5xx + f.rate_timeout:
+            time.sleep(f.timeout_sleep)
+            return rm_error("GATEWAY_TIMEOUT", "upstream timed out", 504)
+        return None
+
+    def _build_app(self) -> Flask:
+        app = Flask("fake_rm")
+        fake = self
+
+        @app.before_request
+        def _start() -> None:
+            request.environ["fake_rm.started"] = time.monotonic()
+
+        @app.after_request
+        def _log(response: Response) -> Response:
+            endpoint = request.environ.get("fake_rm.endpoint")
+            if endpoint:
+                with fake.lock:
+                    fake.log.append(
+                        LoggedRequest(
+                            request.method, request.path, endpoint, request.environ.get("fake_rm.code"),
+                            response.status_code, request.environ["fake_rm.started"], time.monotonic(),
+                        )
+                    )
+            return response
+
+        @app.post("/v1/token")
+        def token() -> Any:
+            request.environ["fake_rm.endpoint"] = "token"
+            header = request.headers.get("Authorization", "")
+            expected = base64.b64encode(f"{fake.client_id}:{fake.client_secret}".encode()).decode()
+            if header != f"Basic {expected}":
+                return rm_error("INVALID_CLIENT", "client credentials are invalid", 401)
+            body = request.get_json(silent=True) or {}
+            with fake.lock:
+                fake.token_requests += 1
+                if body.get("grantType") == "refresh_token":
+                    if body.get("refreshToken") not in fake.refresh_tokens:
+                        return rm_error("INVALID_REFRESH_TOKEN", "refresh token is invalid", 400)
+                elif body.get("grantType") != "client_credentials":
+                    return rm_error("INVALID_GRANT_TYPE", "grantType must be client_credentials", 400)
+                access = secrets.token_urlsafe(24)
+                refresh = secrets.token_urlsafe(24)
+                fake.tokens[access] = time.time() + fake.token_ttl
+                fake.refresh_tokens[refresh] = access
+            return jsonify(
+                {"accessToken": access, "tokenType": "Bearer", "expiresIn": int(fake.token_ttl), "refreshToken": refresh}
+            )
+
+        def guarded(endpoint: str, code: str | None = None) -> tuple[Response, int] | None:
+            request.environ["fake_rm.endpoint"] = endpoint
+            request.environ["fake_rm.code"] = code
+            return fake._check_auth() or fake._inject_faults()
+
+        @app.route("/v3/voucher/<path:rest>", methods=["GET", "POST"])
+        def voucher(rest: str) -> Any:
+            if request.method == "POST" and rest.endswith("/void"):
+                return void(rest[: -len("/void")])
+            refused = guarded("get_voucher", rest)
+            if refused:
+                return refused
+            with fake.lock:
+                item = fake.vouchers.get(rest)
+                item = json.loads(json.dumps(item)) if item else None
+            if item is None:
+                return rm_error("VOUCHER_NOT_FOUND", f"voucher {rest} not found", 404)
+            return jsonify({"item": item, "code": "SUCCESS"})
+
+        def void(code: str) -> Any:
+            refused = guarded("void", code)
+            if refused:
+                return refused
+            with fake.lock:
+                item = fake.vouchers.get(code)
+                if item is None:
+                    return rm_error("VOUCHER_NOT_FOUND", f"voucher {code} not found", 404)
+                if item["status"] in FINAL:
+                    return rm_error("VOUCHER_ALREADY_USED", f"voucher is {item['status']}", 400)
+                body = request.get_json(silent=True) or {}
+                snap = fake.set_status(code, "VOID", **({"usedAt": body["usedAt"]} if body.get("usedAt") else {}))
+            return fake._answer({"item": snap, "code": "SUCCESS"})
+
+        @app.post("/v3/loyalty/me/voucher/<path:code>/redeem")
+        def redeem(code: str) -> Any:
+            refused = guarded("redeem", code)
+            if refused:
+                return refused
+            if not request.args.get("countryCode", "").isdigit() or not request.args.get("phoneNumber", "").isdigit():
+                return rm_error("INVALID_REQUEST", "countryCode and phoneNumber are required", 400)
+            with fake.lock:
+                item = fake.vouchers.get(code)
+                if item is None:
+                    return rm_error("VOUCHER_NOT_FOUND", f"voucher {code} not found", 404)
+                if item["status"] not in ("VALID", "ISSUE"):
+                    return rm_error("VOUCHER_ALREADY_REDEEMED", f"voucher is {item['status']}", 400)
+                profile = {"countryCode": request.args["countryCode"], "phoneNumber": request.args["phoneNumber"]}
+                snap = fake.set_status(code, "REDEEMED", memberProfile=profile)
+            return fake._answer({"item": snap, "code": "SUCCESS"})
+
+        @app.post("/v3/loyalty/chop-stamp/card/scan")
+        def chop_stamp() -> Any:
+            refused = guarded("chop_stamp")
+            if refused:
+                return refused
+            code = (request.get_json(silent=True) or {}).get("code", "")
+            card_key, _, uuid = code.partition(":")
+            if not card_key or not uuid:
+                return rm_error("INVALID_REQUEST", "code must be <card key>:<uuid>", 400)
+            with fake.lock:
+                card = fake.cards.setdefault(
+                    card_key,
+                    {"id": card_key, "key": card_key, "noOfChoppedStamp": 0, "isCompleted": False, "target": 10,
+                     "startAt": rm_time(fake.clock), "endAt": rm_time(fake.clock + timedelta(days=365)),
+                     "createdAt": rm_time(fake.clock), "seen": set()},
+                )
+                if uuid in card["seen"]:
+                    return rm_error("STAMP_ALREADY_CHOPPED", "this QR code was already scanned", 400)
+                if card["isCompleted"]:
+                    return rm_error("CARD_COMPLETED", "this card is already completed", 400)
+                card["seen"].add(uuid)
+                card["noOfChoppedStamp"] += 1
+                card["isCompleted"] = card["noOfChoppedStamp"] >= card["target"]
+                card["updatedAt"] = rm_time(fake.tick())
+                item = {k: v for k, v in card.items() if k not in ("seen", "target")}
+            return fake._answer({"item": item, "code": "SUCCESS"})
+
+        @app.get("/v3/voucher-batches")
+        def batches() -> Any:
+            refused = guarded("voucher_batches")
+            if refused:
+                return refused
+            with fake.lock:
+                keys = sorted(fake.batches)
+                items = [{"key": k, "label": fake.batches[k]["label"], "quantity": len(fake.batches[k]["codes"])}
+                         for k in keys]
+            return jsonify({"items": items, "code": "SUCCESS", "meta": {}})
+
+        @app.get("/v3/voucher-batch/<path:key>")
+        def batch(key: str) -> Any:
+            refused = guarded("voucher_batch", key)
+            if refused:
+                return refused
+            with fake.lock:
+                found = fake.batches.get(key)
+                if found is None:
+                    return rm_error("VOUCHER_BATCH_NOT_FOUND", f"voucher batch {key} not found", 404)
+                start = int(request.args.get("cursor") or 0)
+                codes = found["codes"][start : start + fake.page_size]
+                items = [json.loads(json.dumps(fake.vouchers[c])) for c in codes if c in fake.vouchers]
+                more = start + fake.page_size < len(found["codes"])
+            meta = {"cursor": str(start + fake.page_size)} if more else {}
+            return jsonify({"items": items, "code": "SUCCESS", "meta": meta})
+
+        @app.get("/_fake/requests")
+        def fake_requests() -> Any:
+            with fake.lock:
+                return jsonify([r.__dict__ for r in fake.log])
+
+        @app.post("/_fake/faults")
+        def fake_faults() -> Any:
+            with fake.lock:
+                for name, value in (request.get_json(silent=True) or {}).items():
+                    if hasattr(fake.faults, name):
+                        setattr(fake.faults, name, type(getattr(fake.faults, name))(value))
+                return jsonify(fake.faults.__dict__)
+
+        @app.post("/_fake/vouchers")
+        def fake_seed() -> Any:
+            body = request.get_json(silent=True) or {}
+            count, prefix = int(body.get("count", 0)), body.get("prefix", "V")
+            status = body.get("status", "ISSUE")
+            for i in range(count):
+                fake.add_voucher(f"{prefix}{i:06d}", batch_key=body.get("batch_key", "batch-1"), status=status)
+            return jsonify({"vouchers": len(fake.vouchers)})
+
+        @app.post("/_fake/vouchers/<path:code>/status")
+        def fake_set_status(code: str) -> Any:
+            body = request.get_json(silent=True) or {}
+            snap = fake.set_status(code, body["status"])
+            url = body.get("callback_url")
+            if url:
+                plan = CallbackPlan(interval=float(body.get("interval", 60)))
+                threading.Thread(target=fake.post_callback, args=(url, snap, plan), daemon=True).start()
+            return jsonify({"item": snap})
+
+        return app
+
+    def _answer(self, payload: dict[str, Any]) -> Any:
+        """Answer a state change, unless told to lose the response after applying it."""
+        with self.lock:
+            drop = self.faults.drop_after_apply > 0
+            if drop:
+                self.faults.drop_after_apply -= 1
+        if drop:
+            # The change is made; the client never hears about it (connection closed with no response).
+            sock = request.environ.get("werkzeug.socket")
+            if sock is not None:
+                import socket as _socket
+
+                sock.shutdown(_socket.SHUT_RDWR)
+            raise ConnectionAbortedError("fake RM dropped the response on purpose")
+        return jsonify(payload)
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start serving in a background thread; return the base URL (used as both API and OAuth host)."""
+        self._server = make_server(host, port, self.app, threaded=True)
+        self._server.daemon_threads = True
+        self.base_url = f"http://{host}:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self.base_url
+
+    def shutdown(self) -> None:
+        """Stop serving."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the fake RM on its own (demo, benchmarks), with freshly generated keys written to --keys-dir."""
+    from .devmode import write_key_pair
+
+    parser = argparse.ArgumentParser(prog="python -m receiver.fake_rm")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--keys-dir", default="instance/fake-rm")
+    parser.add_argument("--vouchers", type=int, default=0, help="create this many ISSUE vouchers V000000...")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    keys = Path(args.keys_dir)
+    merchant_private, merchant_public = write_key_pair(keys, "merchant")
+    server_private, server_public = write_key_pair(keys, "rm-server")
+    fake = FakeRM(merchant_public_pem=merchant_public.read_text(), server_private_pem=server_private.read_text())
+    fake.faults.latency = args.latency_ms / 1000
+    for i in range(args.vouchers):
+        fake.add_voucher(f"V{i:06d}", status="ISSUE")
+    base = fake.serve(args.host, args.port)
+    print(f"fake RM listening on {base} (client id {fake.client_id!r}, secret {fake.client_secret!r})", flush=True)
+    print(f"  RM_API_BASE_URL={base} RM_OAUTH_BASE_URL={base}", flush=True)
+    print(f"  RM_PRIVATE_KEY_FILE={merchant_private} RM_SERVER_PUBLIC_KEY_FILE={server_public}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        fake.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Reconciliation: ask RM (Get Voucher By Code) wherever a callback may have been missed, and apply its answer.
+
+Due vouchers are streamed by id in batches, fetched with bounded parallelism, and applied through the
+apply service in short transactions, so memory stays flat and SQLite's write lock is never held
+while waiting on RM.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Callable, Iterable, Iterator
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from .apply import apply_snapshot, record_not_found
+from .client import RMClient, RMError, RMNotFound
+from .db import is_unavailable
+from .models import ReconcileRun, Source, Voucher, utcnow
+from .snapshot import SnapshotError, snapshot_from_item
+from .state_machine import FINAL_STATUSES, Outcome
+
+log = logging.getLogger(__name__)
+
+SELECT_BATCH = 500
+APPLY_CHUNK = 100
+
+
+@dataclass
+class ReconcileSummary:
+    """Counts of one pass, as written to reconcile_runs (plus what the table has no column for)."""
+
+    run_id: int
+    checked: int = 0
+    changed: int = 0
+    failed: int = 0
+    not_found: int = 0
+    reinstated: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    def line(self) -> str:
+        """One human line for the CLI and logs."""
+        text = (
+            f"reconcile run #{self.run_id}: checked {self.checked}, changed {self.changed}, failed {self.failed}, "
+            f"not found {self.not_found}, reinstated {self.reinstated} in {self.seconds:.1f}s"
+        )
+        return text + (f" (stopped: {self.error})" if self.error else "")
+
+
+def due_clause(now: datetime, stale_after_seconds: int):  # noqa: ANN201
+    """Which vouchers a pass checks: flagged ones, and non-final ones unconfirmed for too long or past expiry."""
+    non_final = Voucher.status.not_in(sorted(FINAL_STATUSES))
+    unconfirmed = or_(
+        Voucher.last_confirmed_at.is_(None),
+        Voucher.last_confirmed_at < now - timedelta(seconds=stale_after_seconds),
+    )
+    return and_(
+        Voucher.rm_missing_at.is_(None),
+        or_(Voucher.needs_reconcile.is_(True), and_(non_final, or_(unconfirmed, Voucher.expires_at < now))),
+    )
+
+
+def iter_due_codes(
+    factory: sessionmaker[Session], now: datetime, stale_after_seconds: int, batch: int = SELECT_BATCH
+) -> Iterator[str]:
+    """Stream due codes by primary key, one small query per batch (keyset pagination, no offset scans)."""
+    last_id = 0
+    clause = due_clause(now, stale_after_seconds)
+    while True:
+        with factory() as session:
+            rows = session.execute(
+                select(Voucher.id, Voucher.code).where(clause, Voucher.id > last_id).order_by(Voucher.id).limit(batch)
+            ).all()
+        if not rows:
+            return
+        for row in rows:
+            yield row.code
+        last_id = rows[-1].id
+
+
+@dataclass
+class _Fetched:
+    code: str
+    item: dict | None = None
+    not_found: bool = False
+    error: str | None = None
+
+
+def _fetch(client: RMClient, code: str) -> _Fetched:
+    try:
+        return _Fetched(code, item=client.get_voucher(code))
+    except RMNotFound:
+        return _Fetched(code, not_found=True)
+    except RMError as exc:
+        return _Fetched(code, error=f"{exc.code} {exc.message}".strip())
+    except Exception as exc:  # noqa: BLE001 - one voucher's surprise must not end the pass
+        return _Fetched(code, error=f"{type(exc).__name__}: {exc}")
+
+
+class Reconciler:
+    """One pass over a set of codes: fetch from RM in parallel, apply in short transactions, count."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        client: RMClient,
+        *,
+        concurrency: int = 8,
+        should_stop: threading.Event | None = None,
+        on_progress: Callable[[ReconcileSummary], None] | None = None,
+    ) -> None:
+        self.factory = factory
+        self.client = client
+        self.concurrency = concurrency
+        self.should_stop = should_stop or threading.Event()
+        self.on_progress = on_progress
+
+    def _start_run(self, trigger: str) -> ReconcileSummary:
+        with self.factory.begin() as session:
+            run = ReconcileRun(started_at=utcnow(), trigger=trigger, checked=0, changed=0, failed=0)
+            session.add(run)
+            session.flush()
+            return ReconcileSummary(run_id=run.id)
+
+    def _finish_run(self, summary: ReconcileSummary) -> None:
+        with self.factory.begin() as session:
+            run = session.get(ReconcileRun, summary.run_id)
+            run.finished_at = utcnow()
+            run.checked, run.changed, run.failed = summary.checked, summary.changed, summary.failed
+            run.error = summary.error
+
+    def run(self, codes: Iterable[str], *, trigger: str) -> ReconcileSummary:
+        """Check every code in ``codes`` against RM and record a reconcile_runs row."""
+        started = time.monotonic()
+        summary = self._start_run(trigger)
+        try:
+            self._pipeline(codes, summary)
+        except Exception as exc:  # noqa: BLE001 - the run row must say why it stopped
+            summary.error = ("database unavailable: " if is_unavailable(exc) else "") + f"{type(exc).__name__}: {exc}"
+            log.exception("reconciliation run #%s stopped", summary.run_id)
+        if self.should_stop.is_set() and not summary.error:
+            summary.error = "stopped early: the scheduler lease was lost"
+        summary.seconds = time.monotonic() - started
+        try:
+            self._finish_run(summary)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not record the end of run #%s: %s", summary.run_id, type(exc).__name__)
+        log.info(summary.line())
+        return summary
+
+    def _pipeline(self, codes: Iterable[str], summary: ReconcileSummary) -> None:
+        # At most a few fetches per worker in flight: memory is bounded however many codes are due.
+        window = self.concurrency * 4
+        pending: deque[_Fetched] = deque()
+        in_flight: set[Future[_Fetched]] = set()
+        source = iter(codes)
+        exhausted = False
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="reconcile") as pool:
+            while True:
+                while not exhausted and len(in_flight) < window and not self.should_stop.is_set():
+                    code = next(source, None)
+                    if code is None:
+                        exhausted = True
+                        break
+                    in_flight.add(pool.submit(_fetch, self.client, code))
+                if not in_flight:
+                    break
+                done, in_flight = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
+                pending.extend(f.result() for f in done)
+                if len(pending) >= APPLY_CHUNK or (not in_flight and pending) or (done and exhausted):
+                    self._apply(pending, summary)
+            if pending:
+                self._apply(pending, summary)
+
+    def _apply(self, pending: deque[_Fetched], summary: ReconcileSummary) -> None:
+        chunk = list(pending)
+        pending.clear()
+        with self.factory.begin() as session:
+            for fetched in chunk:
+                summary.checked += 1
+                if fetched.error:
+                    summary.failed += 1
+                    log.warning("reconcile %s failed: %s", fetched.code, fetched.error)
+                    continue
+                try:
+                    with session.begin_nested():
+                        self._apply_one(session, fetched, summary)
+                except SnapshotError as exc:
+                    summary.failed += 1
+                    log.warning("RM's answer for %s is unusable: %s", fetched.code, exc)
+                except Exception as exc:
+                    if is_unavailable(exc):
+                        raise
+                    summary.failed += 1
+                    log.exception("applying RM's answer for %s failed", fetched.code)
+        if self.on_progress is not None:
+            self.on_progress(summary)
+
+    def _apply_one(self, session: Session, fetched: _Fetched, summary: ReconcileSummary) -> None:
+        if fetched.not_found:
+            result = record_not_found(session, fetched.code, source=Source.RECONCILE)
+            summary.not_found += 1
+            if result is not None and result.outcome is Outcome.NOT_FOUND:
+                summary.changed += 1
+            return
+        snapshot = snapshot_from_item(fetched.item)
+        result = apply_snapshot(session, snapshot, source=Source.RECONCILE)
+        if result.changed:
+            summary.changed += 1
+        if result.reinstatement:
+            summary.reinstated += 1
+
+
+def reconcile_due(
+    factory: sessionmaker[Session],
+    client: RMClient,
+    *,
+    stale_after_seconds: int,
+    concurrency: int,
+    trigger: str,
+    should_stop: threading.Event | None = None,
+    on_progress: Callable[[ReconcileSummary], None] | None = None,
+) -> ReconcileSummary:
+    """One scheduled-style pass over every due voucher."""
+    reconciler = Reconciler(factory, client, concurrency=concurrency, should_stop=should_stop, on_progress=on_progress)
+    return reconciler.run(iter_due_codes(factory, utcnow(), stale_after_seconds), trigger=trigger)
+
+
+def reconcile_codes(
+    factory: sessionmaker[Session], client: RMClient, codes: list[str], *, concurrency: int, trigger: str
+) -> ReconcileSummary:
+    """Check exactly these codes, final or not, known to us or not."""
+    return Reconciler(factory, client, concurrency=concurrency).run(codes, trigger=trigger)

@@ -1,0 +1,92 @@
+"""The scheduler process: APScheduler runs reconciliation every RECONCILE_INTERVAL_SECONDS under a database lease."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from datetime import datetime, timezone
+
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from .client import RMClient, RMNotConfigured
+from .lease import Lease
+from .reconciliation import ReconcileSummary, reconcile_due
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+RECONCILE_LEASE = "reconcile"
+
+
+def lease_ttl(interval_seconds: int) -> float:
+    """Long enough to survive slow renewals (every ttl/3), short enough that a crashed holder is replaced soon."""
+    return float(min(max(interval_seconds * 3, 5), 120))
+
+
+def run_reconcile_under_lease(runtime: Runtime, client: RMClient, *, trigger: str) -> ReconcileSummary | None:
+    """Run one due-voucher pass if no other process is; None when another holds the lease."""
+    settings = runtime.settings
+    with Lease(runtime.sessions, RECONCILE_LEASE, ttl=lease_ttl(settings.reconcile_interval_seconds)) as lease:
+        if not lease.acquired:
+            log.info("reconciliation skipped: another process holds the %r lease", RECONCILE_LEASE)
+            return None
+        return reconcile_due(
+            runtime.sessions,
+            client,
+            stale_after_seconds=settings.reconcile_stale_after_seconds,
+            concurrency=settings.reconcile_concurrency,
+            trigger=trigger,
+            should_stop=lease.lost,
+        )
+
+
+def build_scheduler(runtime: Runtime) -> BlockingScheduler:
+    """The APScheduler with this process's jobs; reconciliation only when RM credentials are configured."""
+    settings = runtime.settings
+    scheduler = BlockingScheduler(
+        timezone=timezone.utc,
+        # One run at a time; runs missed while one was going are merged into a single next run.
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": settings.reconcile_interval_seconds},
+    )
+    try:
+        client = RMClient.from_settings(settings)
+    except RMNotConfigured as exc:
+        log.warning("reconciliation is disabled: %s; the receiver keeps working without it", exc.message)
+        return scheduler
+
+    def reconcile_job() -> None:
+        try:
+            run_reconcile_under_lease(runtime, client, trigger="scheduler")
+        except Exception:  # noqa: BLE001 - a failed run must not stop the scheduler
+            log.exception("scheduled reconciliation failed")
+
+    scheduler.add_job(
+        reconcile_job,
+        IntervalTrigger(seconds=settings.reconcile_interval_seconds),
+        id="reconcile",
+        name="reconcile due vouchers",
+        next_run_time=datetime.now(timezone.utc),
+    )
+    return scheduler
+
+
+def run_forever(runtime: Runtime) -> None:
+    """Run the scheduler in the foreground until SIGTERM or Ctrl-C; leases are released on the way out."""
+    scheduler = build_scheduler(runtime)
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("scheduler stopping (signal %s)", signum)
+        scheduler.shutdown(wait=False)
+
+    signal.signal(signal.SIGTERM, _stop)
+    log.info(
+        "scheduler started: reconcile every %ss, stale after %ss, concurrency %s",
+        runtime.settings.reconcile_interval_seconds,
+        runtime.settings.reconcile_stale_after_seconds,
+        runtime.settings.reconcile_concurrency,
+    )
+    try:
+        scheduler.start()
+    except (KeyboardInterrupt, SystemExit):
+        pass
