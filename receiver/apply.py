@@ -2,6 +2,9 @@
 
 Callbacks, reconciliation, backfill and merchant actions all come through ``apply_snapshot``.
 It never commits: the request, job or command that owns the work owns the transaction.
+
+It runs on every callback and every reconciled voucher, so it uses a handful of pre-built Core
+statements (compiled once, then cached) instead of loading ORM objects.
 """
 
 from __future__ import annotations
@@ -9,13 +12,17 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from .models import Source, Voucher, VoucherEvent, utcnow
 from .snapshot import VoucherSnapshot
 from .state_machine import Decision, Observed, Outcome, decide
+
+_V = Voucher.__table__
+_E = VoucherEvent.__table__
 
 
 @dataclass(frozen=True)
@@ -35,12 +42,7 @@ def _observed(snapshot: VoucherSnapshot) -> Observed:
     return Observed(snapshot.status, snapshot.rm_updated_ns, snapshot.fingerprint)
 
 
-def _lock_voucher(session: Session, code: str) -> Voucher | None:
-    # FOR UPDATE on PostgreSQL; on SQLite the transaction already holds the write lock (BEGIN IMMEDIATE).
-    return session.scalars(select(Voucher).where(Voucher.code == code).with_for_update()).one_or_none()
-
-
-def _snapshot_columns(snapshot: VoucherSnapshot) -> dict:
+def _snapshot_columns(snapshot: VoucherSnapshot) -> dict[str, Any]:
     return {
         "status": snapshot.status,
         "rm_updated_at": snapshot.rm_updated_at,
@@ -49,6 +51,43 @@ def _snapshot_columns(snapshot: VoucherSnapshot) -> dict:
         "snapshot_sha256": snapshot.fingerprint,
         **snapshot.fields,
     }
+
+
+# Columns a snapshot (plus our bookkeeping) writes when it is applied.
+_APPLIED_COLUMNS = [
+    c.name for c in _V.columns if c.name not in ("id", "code", "first_seen_at")
+]
+
+# FOR UPDATE on PostgreSQL serialises deliveries for one code; on SQLite the transaction already
+# holds the write lock (BEGIN IMMEDIATE), and the clause compiles to nothing.
+_LOCK = (
+    select(_V.c.id, _V.c.status, _V.c.rm_updated_ns, _V.c.snapshot_sha256, _V.c.rm_missing_at)
+    .where(_V.c.code == bindparam("code"))
+    .with_for_update()
+)
+_APPLY = update(_V).where(_V.c.id == bindparam("b_id")).values({n: bindparam(f"b_{n}") for n in _APPLIED_COLUMNS})
+_CONFIRM = (
+    update(_V)
+    .where(_V.c.id == bindparam("b_id"))
+    .values(last_confirmed_at=bindparam("b_now"), needs_reconcile=False, rm_missing_at=None)
+)
+_FLAG = update(_V).where(_V.c.id == bindparam("b_id")).values(needs_reconcile=True)
+_PRIOR_OUTCOMES = select(_E.c.outcome).where(
+    _E.c.voucher_code == bindparam("code"), _E.c.snapshot_sha256 == bindparam("sha")
+)
+_INSERT_EVENT = insert(_E).returning(_E.c.id)
+
+
+@functools.lru_cache(maxsize=1)
+def _insert_voucher():  # noqa: ANN202
+    # Hand-written because the dialects' on_conflict_do_nothing() constructs have no cache key, so
+    # SQLAlchemy would recompile them per voucher (measured: 2.5 ms each). This text is cached, and
+    # the typed bind parameters keep UTCDateTime's conversion. Same SQL on SQLite and PostgreSQL.
+    columns = [c for c in _V.columns if c.name != "id"]
+    names = ", ".join(f'"{c.name}"' for c in columns)
+    params = ", ".join(f":{c.name}" for c in columns)
+    sql = f"INSERT INTO {_V.name} ({names}) VALUES ({params}) ON CONFLICT (code) DO NOTHING RETURNING id"
+    return text(sql).bindparams(*(bindparam(c.name, type_=c.type) for c in columns))
 
 
 def _insert_new(session: Session, snapshot: VoucherSnapshot, source: Source, now: datetime) -> bool:
@@ -64,31 +103,12 @@ def _insert_new(session: Session, snapshot: VoucherSnapshot, source: Source, now
         "rm_missing_at": None,
     }
     # RETURNING, not rowcount: psycopg reports -1 for an ON CONFLICT insert whichever way it went.
-    return session.execute(_insert_statement(), values).first() is not None
-
-
-@functools.lru_cache(maxsize=1)
-def _insert_statement():  # noqa: ANN202
-    # Hand-written because the dialects' on_conflict_do_nothing() constructs have no cache key, so
-    # SQLAlchemy would recompile them per voucher (measured: 2.5 ms each). This text is cached, and
-    # the typed bind parameters keep UTCDateTime's conversion. Same SQL on SQLite and PostgreSQL.
-    table = Voucher.__table__
-    columns = [c for c in table.columns if c.name != "id"]
-    names = ", ".join(f'"{c.name}"' for c in columns)
-    params = ", ".join(f":{c.name}" for c in columns)
-    sql = f"INSERT INTO {table.name} ({names}) VALUES ({params}) ON CONFLICT (code) DO NOTHING RETURNING id"
-    return text(sql).bindparams(*(bindparam(c.name, type_=c.type) for c in columns))
+    return session.execute(_insert_voucher(), values).first() is not None
 
 
 def _already_recorded(session: Session, code: str, fingerprint: str, outcome: Outcome) -> bool:
     """A snapshot seen before adds no event, unless it is now applied where before it was not."""
-    prior = set(
-        session.scalars(
-            select(VoucherEvent.outcome).where(
-                VoucherEvent.voucher_code == code, VoucherEvent.snapshot_sha256 == fingerprint
-            )
-        )
-    )
+    prior = set(session.scalars(_PRIOR_OUTCOMES, {"code": code, "sha": fingerprint}))
     if not prior:
         return False
     return outcome != Outcome.APPLIED or Outcome.APPLIED.value in prior
@@ -106,45 +126,44 @@ def apply_snapshot(
     now = now or utcnow()
     # Anything other than a pushed callback is RM answering our own question: authoritative.
     authoritative = source is not Source.CALLBACK
-    voucher = _lock_voucher(session, snapshot.code)
-    if voucher is None:
+    row = session.execute(_LOCK, {"code": snapshot.code}).first()
+    if row is None:
         if _insert_new(session, snapshot, source, now):
             decision = decide(None, _observed(snapshot))
             return _record(session, None, snapshot, decision, source, delivery_id, now, changed=True)
-        voucher = _lock_voucher(session, snapshot.code)
-        assert voucher is not None, "voucher vanished after a conflicting insert"
+        row = session.execute(_LOCK, {"code": snapshot.code}).first()
+        assert row is not None, "voucher vanished after a conflicting insert"
 
-    current = Observed(voucher.status, voucher.rm_updated_ns, voucher.snapshot_sha256)
+    current = Observed(row.status, row.rm_updated_ns, row.snapshot_sha256)
     decision = decide(current, _observed(snapshot), authoritative=authoritative)
-    from_status = voucher.status
 
     if decision.outcome is Outcome.DUPLICATE:
         if authoritative:
-            voucher.last_confirmed_at = now
-            voucher.needs_reconcile = False
-            voucher.rm_missing_at = None
-        return ApplyResult(snapshot.code, Outcome.DUPLICATE, from_status, snapshot.status, None, changed=False)
+            session.execute(_CONFIRM, {"b_id": row.id, "b_now": now})
+        return ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=False)
 
     if decision.apply:
-        for name, value in _snapshot_columns(snapshot).items():
-            setattr(voucher, name, value)
-        voucher.last_source = source.value
-        voucher.last_changed_at = now
-        voucher.last_confirmed_at = now
-        voucher.needs_reconcile = False
-        voucher.rm_missing_at = None
+        values = {
+            **_snapshot_columns(snapshot),
+            "last_source": source.value,
+            "last_changed_at": now,
+            "last_confirmed_at": now,
+            "needs_reconcile": False,
+            "rm_missing_at": None,
+        }
+        session.execute(_APPLY, {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}})
     elif decision.needs_reconcile:
-        voucher.needs_reconcile = True
+        session.execute(_FLAG, {"b_id": row.id})
 
     if _already_recorded(session, snapshot.code, snapshot.fingerprint, decision.outcome):
-        return ApplyResult(snapshot.code, Outcome.DUPLICATE, from_status, snapshot.status, None, changed=decision.apply)
-    return _record(session, from_status, snapshot, decision, source, delivery_id, now, changed=decision.apply)
+        return ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=decision.apply)
+    return _record(session, row.status, snapshot, decision, source, delivery_id, now, changed=decision.apply)
 
 
 def record_not_found(session: Session, code: str, *, source: Source, now: datetime | None = None) -> ApplyResult | None:
     """RM no longer knows a code we hold: record it once and stop polling it. None if we never held it."""
     now = now or utcnow()
-    voucher = _lock_voucher(session, code)
+    voucher = session.scalars(select(Voucher).where(Voucher.code == code).with_for_update()).one_or_none()
     if voucher is None:
         return None
     voucher.needs_reconcile = False
@@ -180,27 +199,28 @@ def _record(
     *,
     changed: bool,
 ) -> ApplyResult:
-    event = VoucherEvent(
-        voucher_code=snapshot.code,
-        from_status=from_status,
-        to_status=snapshot.status,
-        rm_updated_at=snapshot.rm_updated_at,
-        source=source.value,
-        outcome=decision.outcome.value,
-        delivery_id=delivery_id,
-        recorded_at=now,
-        payload=snapshot.raw,
-        snapshot_sha256=snapshot.fingerprint,
-        detail=decision.reason or None,
-    )
-    session.add(event)
-    session.flush()
+    event_id = session.execute(
+        _INSERT_EVENT,
+        {
+            "voucher_code": snapshot.code,
+            "from_status": from_status,
+            "to_status": snapshot.status,
+            "rm_updated_at": snapshot.rm_updated_at,
+            "source": source.value,
+            "outcome": decision.outcome.value,
+            "delivery_id": delivery_id,
+            "recorded_at": now,
+            "payload": snapshot.raw,
+            "snapshot_sha256": snapshot.fingerprint,
+            "detail": decision.reason or None,
+        },
+    ).scalar_one()
     return ApplyResult(
         code=snapshot.code,
         outcome=decision.outcome,
         from_status=from_status,
         to_status=snapshot.status,
-        event_id=event.id,
+        event_id=event_id,
         changed=changed,
         reinstatement=decision.reinstatement,
     )

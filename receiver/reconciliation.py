@@ -8,9 +8,8 @@ while waiting on RM.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,7 +22,7 @@ from .apply import apply_snapshot, record_not_found
 from .client import RMClient, RMError, RMNotFound
 from .db import is_unavailable
 from .models import ReconcileRun, Source, Voucher, utcnow
-from .snapshot import SnapshotError, snapshot_from_item
+from .snapshot import SnapshotError, VoucherSnapshot, snapshot_from_item
 from .state_machine import FINAL_STATUSES, Outcome
 
 log = logging.getLogger(__name__)
@@ -113,13 +112,14 @@ class Reconciler:
         client: RMClient,
         *,
         concurrency: int = 8,
-        should_stop: threading.Event | None = None,
+        should_stop: Callable[[], str | None] | None = None,
         on_progress: Callable[[ReconcileSummary], None] | None = None,
     ) -> None:
         self.factory = factory
         self.client = client
         self.concurrency = concurrency
-        self.should_stop = should_stop or threading.Event()
+        # Returns why the pass must stop early (lease lost, shutting down), or None to go on.
+        self.should_stop = should_stop or (lambda: None)
         self.on_progress = on_progress
 
     def _start_run(self, trigger: str) -> ReconcileSummary:
@@ -145,8 +145,9 @@ class Reconciler:
         except Exception as exc:  # noqa: BLE001 - the run row must say why it stopped
             summary.error = ("database unavailable: " if is_unavailable(exc) else "") + f"{type(exc).__name__}: {exc}"
             log.exception("reconciliation run #%s stopped", summary.run_id)
-        if self.should_stop.is_set() and not summary.error:
-            summary.error = "stopped early: the scheduler lease was lost"
+        reason = self.should_stop()
+        if reason and not summary.error:
+            summary.error = f"stopped early: {reason}"
         summary.seconds = time.monotonic() - started
         try:
             self._finish_run(summary)
@@ -164,7 +165,7 @@ class Reconciler:
         exhausted = False
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="reconcile") as pool:
             while True:
-                while not exhausted and len(in_flight) < window and not self.should_stop.is_set():
+                while not exhausted and len(in_flight) < window and not self.should_stop():
                     code = next(source, None)
                     if code is None:
                         exhausted = True
@@ -182,40 +183,61 @@ class Reconciler:
     def _apply(self, pending: deque[_Fetched], summary: ReconcileSummary) -> None:
         chunk = list(pending)
         pending.clear()
-        with self.factory.begin() as session:
-            for fetched in chunk:
-                summary.checked += 1
-                if fetched.error:
-                    summary.failed += 1
-                    log.warning("reconcile %s failed: %s", fetched.code, fetched.error)
-                    continue
-                try:
-                    with session.begin_nested():
-                        self._apply_one(session, fetched, summary)
-                except SnapshotError as exc:
-                    summary.failed += 1
-                    log.warning("RM's answer for %s is unusable: %s", fetched.code, exc)
-                except Exception as exc:
-                    if is_unavailable(exc):
-                        raise
-                    summary.failed += 1
-                    log.exception("applying RM's answer for %s failed", fetched.code)
+        try:
+            counts = self._apply_chunk(chunk, isolate=False)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise
+            # Rare: something in this chunk broke. Redo it one voucher per savepoint so one bad
+            # answer costs only itself (savepoints for every voucher would double the cost).
+            log.warning("applying a chunk failed (%s); retrying voucher by voucher", type(exc).__name__)
+            counts = self._apply_chunk(chunk, isolate=True)
+        for name, value in counts.items():
+            setattr(summary, name, getattr(summary, name) + value)
         if self.on_progress is not None:
             self.on_progress(summary)
 
-    def _apply_one(self, session: Session, fetched: _Fetched, summary: ReconcileSummary) -> None:
-        if fetched.not_found:
-            result = record_not_found(session, fetched.code, source=Source.RECONCILE)
-            summary.not_found += 1
+    def _apply_chunk(self, chunk: list[_Fetched], *, isolate: bool) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        with self.factory.begin() as session:
+            for fetched in chunk:
+                counts["checked"] += 1
+                if fetched.error:
+                    counts["failed"] += 1
+                    log.warning("reconcile %s failed: %s", fetched.code, fetched.error)
+                    continue
+                try:
+                    snapshot = None if fetched.not_found else snapshot_from_item(fetched.item)
+                except SnapshotError as exc:
+                    counts["failed"] += 1
+                    log.warning("RM's answer for %s is unusable: %s", fetched.code, exc)
+                    continue
+                if not isolate:
+                    self._apply_one(session, fetched.code, snapshot, counts)
+                    continue
+                try:
+                    with session.begin_nested():
+                        self._apply_one(session, fetched.code, snapshot, counts)
+                except Exception as exc:
+                    if is_unavailable(exc):
+                        raise
+                    counts["failed"] += 1
+                    log.exception("applying RM's answer for %s failed", fetched.code)
+        return counts
+
+    @staticmethod
+    def _apply_one(session: Session, code: str, snapshot: VoucherSnapshot | None, counts: Counter[str]) -> None:
+        if snapshot is None:
+            result = record_not_found(session, code, source=Source.RECONCILE)
+            counts["not_found"] += 1
             if result is not None and result.outcome is Outcome.NOT_FOUND:
-                summary.changed += 1
+                counts["changed"] += 1
             return
-        snapshot = snapshot_from_item(fetched.item)
         result = apply_snapshot(session, snapshot, source=Source.RECONCILE)
         if result.changed:
-            summary.changed += 1
+            counts["changed"] += 1
         if result.reinstatement:
-            summary.reinstated += 1
+            counts["reinstated"] += 1
 
 
 def reconcile_due(
@@ -225,7 +247,7 @@ def reconcile_due(
     stale_after_seconds: int,
     concurrency: int,
     trigger: str,
-    should_stop: threading.Event | None = None,
+    should_stop: Callable[[], str | None] | None = None,
     on_progress: Callable[[ReconcileSummary], None] | None = None,
 ) -> ReconcileSummary:
     """One scheduled-style pass over every due voucher."""

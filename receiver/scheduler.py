@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from datetime import datetime, timezone
 
 from apscheduler.schedulers.blocking import BlockingScheduler
@@ -24,8 +25,11 @@ def lease_ttl(interval_seconds: int) -> float:
     return float(min(max(interval_seconds * 3, 5), 120))
 
 
-def run_reconcile_under_lease(runtime: Runtime, client: RMClient, *, trigger: str) -> ReconcileSummary | None:
+def run_reconcile_under_lease(
+    runtime: Runtime, client: RMClient, *, trigger: str, stopping: threading.Event | None = None
+) -> ReconcileSummary | None:
     """Run one due-voucher pass if no other process is; None when another holds the lease."""
+    stopping = stopping or threading.Event()
     settings = runtime.settings
     with Lease(runtime.sessions, RECONCILE_LEASE, ttl=lease_ttl(settings.reconcile_interval_seconds)) as lease:
         if not lease.acquired:
@@ -37,11 +41,13 @@ def run_reconcile_under_lease(runtime: Runtime, client: RMClient, *, trigger: st
             stale_after_seconds=settings.reconcile_stale_after_seconds,
             concurrency=settings.reconcile_concurrency,
             trigger=trigger,
-            should_stop=lease.lost,
+            should_stop=lambda: (
+                "the lease was lost" if lease.lost.is_set() else "shutting down" if stopping.is_set() else None
+            ),
         )
 
 
-def build_scheduler(runtime: Runtime) -> BlockingScheduler:
+def build_scheduler(runtime: Runtime, stopping: threading.Event) -> BlockingScheduler:
     """The APScheduler with this process's jobs; reconciliation only when RM credentials are configured."""
     settings = runtime.settings
     scheduler = BlockingScheduler(
@@ -56,8 +62,10 @@ def build_scheduler(runtime: Runtime) -> BlockingScheduler:
         return scheduler
 
     def reconcile_job() -> None:
+        if stopping.is_set():
+            return
         try:
-            run_reconcile_under_lease(runtime, client, trigger="scheduler")
+            run_reconcile_under_lease(runtime, client, trigger="scheduler", stopping=stopping)
         except Exception:  # noqa: BLE001 - a failed run must not stop the scheduler
             log.exception("scheduled reconciliation failed")
 
@@ -73,11 +81,15 @@ def build_scheduler(runtime: Runtime) -> BlockingScheduler:
 
 def run_forever(runtime: Runtime) -> None:
     """Run the scheduler in the foreground until SIGTERM or Ctrl-C; leases are released on the way out."""
-    scheduler = build_scheduler(runtime)
+    stopping = threading.Event()
+    scheduler = build_scheduler(runtime, stopping)
 
     def _stop(signum: int, _frame: object) -> None:
+        # A running pass stops taking new codes, applies what it fetched, records its run, and
+        # releases the lease; only then does the process exit.
         log.info("scheduler stopping (signal %s)", signum)
-        scheduler.shutdown(wait=False)
+        stopping.set()
+        scheduler.shutdown(wait=True)
 
     signal.signal(signal.SIGTERM, _stop)
     log.info(
@@ -86,7 +98,8 @@ def run_forever(runtime: Runtime) -> None:
         runtime.settings.reconcile_stale_after_seconds,
         runtime.settings.reconcile_concurrency,
     )
+    signal.signal(signal.SIGINT, _stop)
     try:
         scheduler.start()
     except (KeyboardInterrupt, SystemExit):
-        pass
+        stopping.set()

@@ -154,7 +154,7 @@ def test_network_errors_are_retried(vectors) -> None:  # noqa: ANN001
     client._on_request = lambda endpoint, result: calls.append((endpoint, result))
     with pytest.raises(RMUnavailable):
         client.get_voucher("X")
-    assert calls == [("token", "ConnectionError")] * 3
+    assert calls == [("token", "connect_error")] * 3
 
 
 def test_rate_cap(fake_rm, vectors) -> None:  # noqa: ANN001

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Reconciliation benchmark: N due vouchers against the fake RM (separate process) with fixed latency.
+
+Prints vouchers/s next to the theoretical limit (concurrency / latency) and this process's peak
+memory. Usage (from the repository, after scripts/test or scripts/run made .venv):
+    .venv/bin/python scripts/bench_reconcile.py [--vouchers 10000] [--latency-ms 50] [--concurrency 16]
+        [--database-url sqlite:///...]   (default: a fresh SQLite file; a postgresql:// URL works too)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from receiver.backfill import backfill  # noqa: E402
+from receiver.client import RMClient  # noqa: E402
+from receiver.config import load_settings  # noqa: E402
+from receiver.db import make_engine, make_session_factory  # noqa: E402
+from receiver.reconciliation import reconcile_due  # noqa: E402
+from tests.support import free_port, migrate, wait_http  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vouchers", type=int, default=10_000)
+    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--database-url")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-reconcile-"))
+    url = args.database_url or f"sqlite:///{work / 'bench.db'}"
+    migrate(url)
+    port = free_port()
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "receiver.fake_rm", "--port", str(port), "--keys-dir", str(work / "keys"),
+         "--vouchers", str(args.vouchers)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base + "/_fake/requests", proc=fake, timeout=60)
+        settings = load_settings({
+            "DATABASE_URL": url, "RM_INSECURE_SKIP_SIGNATURE": "1", "RM_API_BASE_URL": base,
+            "RM_OAUTH_BASE_URL": base, "RM_CLIENT_ID": "fake-client", "RM_CLIENT_SECRET": "fake-secret",
+            "RM_PRIVATE_KEY_FILE": str(work / "keys" / "merchant-private.pem"),
+            "RECONCILE_CONCURRENCY": str(args.concurrency),
+            # The cap must not be what limits this measurement; production keeps its own.
+            "RM_MAX_REQUESTS_PER_SECOND": "100000",
+        })
+        engine = make_engine(url)
+        factory = make_session_factory(engine)
+        client = RMClient.from_settings(settings)
+        started = time.monotonic()
+        seeded = backfill(factory, client)
+        print(f"seeded {seeded.vouchers} vouchers by backfill in {time.monotonic() - started:.1f}s", flush=True)
+        requests.post(base + "/_fake/faults", json={"latency": args.latency_ms / 1000}, timeout=5)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+        summary = reconcile_due(
+            factory, client, stale_after_seconds=0, concurrency=args.concurrency, trigger="benchmark"
+        )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rate = summary.checked / summary.seconds
+        limit = args.concurrency / (args.latency_ms / 1000)
+        print(f"database:          {engine.dialect.name}")
+        print(f"vouchers checked:  {summary.checked} (failed {summary.failed}) in {summary.seconds:.2f}s")
+        print(f"throughput:        {rate:.1f} vouchers/s")
+        print(f"theoretical limit: {limit:.1f} vouchers/s (concurrency {args.concurrency} / latency {args.latency_ms:.0f} ms)")
+        print(f"ratio:             {rate / limit:.1%} of the limit (target >= 90%)")
+        print(f"peak RSS:          {peak:.0f} MB (before the pass {rss_before:.0f} MB; target < 200 MB)")
+        engine.dispose()
+        return 0 if summary.failed == 0 else 1
+    finally:
+        fake.terminate()
+        fake.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
