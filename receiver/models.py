@@ -194,6 +194,10 @@ class WebhookDelivery(Base):
     body: Mapped[str | None] = mapped_column(Text)
     body_truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     error: Mapped[str | None] = mapped_column(Text)
+    # Set by `deliveries replay`; a failed delivery with no replayed_at was never retried by an operator.
+    replayed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set when retention dropped body and headers (the row and its hash stay as evidence).
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (CheckConstraint(_in("outcome", DeliveryOutcome), name="outcome"),)
 

@@ -43,6 +43,30 @@ ORDER BY e.recorded_at DESC, e.id DESC
 """
 
 
+# Time arithmetic differs between SQLite and PostgreSQL; this one-row view lets the queries in
+# docs/ops-queries.sql say "in the last hour" the same way on both. All values are UTC.
+OPS_CLOCK = {
+    "sqlite": """
+CREATE VIEW ops_clock AS SELECT
+    strftime('%Y-%m-%d %H:%M:%f', 'now') AS now_utc,
+    datetime('now', 'start of day') AS today_start_utc,
+    strftime('%Y-%m-%d %H:%M:%f', 'now', '-1 hour') AS hour_ago_utc,
+    strftime('%Y-%m-%d %H:%M:%f', 'now', '-1 day') AS day_ago_utc,
+    strftime('%Y-%m-%d %H:%M:%f', 'now', '-7 days') AS week_ago_utc,
+    strftime('%Y-%m-%d %H:%M:%f', 'now', '-30 days') AS month_ago_utc
+""",
+    "postgresql": """
+CREATE VIEW ops_clock AS SELECT
+    now() AS now_utc,
+    date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS today_start_utc,
+    now() - interval '1 hour' AS hour_ago_utc,
+    now() - interval '1 day' AS day_ago_utc,
+    now() - interval '7 days' AS week_ago_utc,
+    now() - interval '30 days' AS month_ago_utc
+""",
+}
+
+
 def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
@@ -111,6 +135,8 @@ def upgrade() -> None:
         sa.Column("body", sa.Text(), nullable=True),
         sa.Column("body_truncated", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("replayed_at", Time, nullable=True),
+        sa.Column("purged_at", Time, nullable=True),
         sa.CheckConstraint(_in("outcome", DELIVERY_OUTCOMES), name="ck_webhook_deliveries_outcome"),
         sa.PrimaryKeyConstraint("id", name="pk_webhook_deliveries"),
         sa.UniqueConstraint("dedupe_key", name="uq_webhook_deliveries_dedupe_key"),
@@ -184,6 +210,7 @@ def upgrade() -> None:
     )
 
     op.execute(VOUCHER_HISTORY)
+    op.execute(OPS_CLOCK[op.get_bind().dialect.name])
     _create_append_only_guard()
 
 
@@ -218,6 +245,7 @@ def downgrade() -> None:
     else:
         op.execute("DROP TRIGGER IF EXISTS voucher_events_no_update")
         op.execute("DROP TRIGGER IF EXISTS voucher_events_no_delete")
+    op.execute("DROP VIEW IF EXISTS ops_clock")
     op.execute("DROP VIEW IF EXISTS voucher_history")
     op.drop_table("backfill_batches")
     op.drop_table("scheduler_leases")
