@@ -3,6 +3,8 @@
 import multiprocessing
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 # Sync workers: each callback is a short CPU + database burst, and a worker per request keeps a
 # slow database from stalling others beyond its own request.
@@ -11,6 +13,12 @@ workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() * 2 
 # A request waits at most SQLITE_BUSY_TIMEOUT_SECONDS (10 s) or the PostgreSQL pool/connect
 # timeouts (5 s); the worker timeout must be longer so those become 503s, not killed workers.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+
+# Workers count metrics into files here so /metrics adds them all up (prometheus_client multiprocess).
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rmvs-metrics-")
+for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+    stale.unlink()
 graceful_timeout = 20
 keepalive = 5
 
@@ -26,3 +34,10 @@ def on_starting(server):  # noqa: ANN001, ANN201
         sys.stderr.write(f"configuration error: {exc}\n")
         sys.stderr.flush()
         os._exit(2)
+
+
+def child_exit(server, worker):  # noqa: ANN001, ANN201
+    """Fold a dead worker's live gauges out of the metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

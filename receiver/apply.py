@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.orm import Session
 
+from .metrics import note_apply
 from .models import Source, Voucher, VoucherEvent, utcnow
 from .snapshot import VoucherSnapshot
 from .state_machine import Decision, Observed, Outcome, decide
@@ -123,7 +124,14 @@ def apply_snapshot(
     now: datetime | None = None,
 ) -> ApplyResult:
     """Merge one RM snapshot into the voucher's state and history; the caller commits."""
-    now = now or utcnow()
+    result = _apply(session, snapshot, source, delivery_id, now or utcnow())
+    note_apply(session, source.value, result.outcome.value)
+    return result
+
+
+def _apply(
+    session: Session, snapshot: VoucherSnapshot, source: Source, delivery_id: int | None, now: datetime
+) -> ApplyResult:
     # Anything other than a pushed callback is RM answering our own question: authoritative.
     authoritative = source is not Source.CALLBACK
     row = session.execute(_LOCK, {"code": snapshot.code}).first()
@@ -185,6 +193,7 @@ def record_not_found(session: Session, code: str, *, source: Source, now: dateti
     )
     session.add(event)
     session.flush()
+    note_apply(session, source.value, Outcome.NOT_FOUND.value)
     return ApplyResult(code, Outcome.NOT_FOUND, voucher.status, voucher.status, event.id, changed=True)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
 from flask import Flask
+from flask.cli import AppGroup, with_appcontext
 
 from .client import RMClient, RMNotConfigured
 from .runtime import current_runtime
@@ -13,12 +15,13 @@ from .runtime import current_runtime
 
 def _client() -> RMClient:
     try:
-        return RMClient.from_settings(current_runtime().settings)
+        return current_runtime().rm_client()
     except RMNotConfigured as exc:
         raise click.ClickException(f"RM credentials missing: {exc.message}") from None
 
 
 @click.command("reconcile")
+@with_appcontext
 @click.option("--code", "codes", multiple=True, help="Check just this voucher code (repeatable), final or not.")
 def reconcile_command(codes: tuple[str, ...]) -> None:
     """Run one reconciliation pass now (the scheduler's selection, or just --code)."""
@@ -42,6 +45,7 @@ def reconcile_command(codes: tuple[str, ...]) -> None:
 
 
 @click.command("scheduler")
+@with_appcontext
 def scheduler_command() -> None:
     """Run the APScheduler loop in the foreground (reconciliation every RECONCILE_INTERVAL_SECONDS)."""
     from .scheduler import run_forever
@@ -50,6 +54,7 @@ def scheduler_command() -> None:
 
 
 @click.command("backfill")
+@with_appcontext
 @click.option("--restart", is_flag=True, help="Forget saved progress and walk every batch again.")
 def backfill_command(restart: bool) -> None:
     """Walk RM's voucher batches and their vouchers into the database (resumable, idempotent)."""
@@ -67,7 +72,123 @@ def backfill_command(restart: bool) -> None:
     click.echo(summary.line())
 
 
+@click.group("voucher", cls=AppGroup)
+def voucher_group() -> None:
+    """Look at one voucher."""
+
+
+@voucher_group.command("show")
+@click.argument("code")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def voucher_show(code: str, as_json: bool) -> None:
+    """Current state and full timeline of CODE, oldest event first."""
+    from .ops import voucher_with_history
+
+    with current_runtime().sessions() as session:
+        found = voucher_with_history(session, code)
+    if found is None:
+        raise click.ClickException(f"no voucher with code {code!r} in this database")
+    if as_json:
+        click.echo(json.dumps(found, indent=2, ensure_ascii=False))
+        return
+    v = found["voucher"]
+    click.echo(f"voucher {v['code']}: {v['status']}" + ("  (needs reconcile)" if v["needs_reconcile"] else "")
+               + ("  (RM no longer knows it)" if v["rm_missing_at"] else ""))
+    for name in ("label", "batch_key", "voucher_type", "amount", "expires_at", "redeemed_at", "used_at",
+                 "rm_updated_at", "first_seen_at", "last_changed_at", "last_confirmed_at", "last_source"):
+        if v[name] not in (None, ""):
+            click.echo(f"  {name:<18} {v[name]}")
+    click.echo("")
+    click.echo(f"  {'#':>6}  {'recorded (UTC)':<26}  {'from':<10}  {'to':<12}  {'source':<9}  {'outcome':<14}  detail")
+    for e in found["history"]:
+        detail = e["detail"] or ""
+        if e["delivery_id"]:
+            detail = f"{detail} (delivery {e['delivery_id']})".strip()
+        click.echo(
+            f"  {e['id']:>6}  {e['recorded_at'][:26]:<26}  {e['from_status'] or '-':<10}  {e['to_status']:<12}  "
+            f"{e['source']:<9}  {e['outcome']:<14}  {detail}"
+        )
+
+
+@click.group("deliveries", cls=AppGroup)
+def deliveries_group() -> None:
+    """Look at, replay and purge stored callback deliveries."""
+
+
+@deliveries_group.command("list")
+@click.option("--outcome", "outcomes", multiple=True, help="accepted, duplicate, stale, rejected_signature, ...")
+@click.option("--since", help="e.g. 30m, 2h, 7d, or an ISO time (UTC).")
+@click.option("--limit", default=50, show_default=True)
+def deliveries_list(outcomes: tuple[str, ...], since: str | None, limit: int) -> None:
+    """Recent deliveries, newest first."""
+    from .models import DeliveryOutcome
+    from .ops import list_deliveries, parse_since
+
+    known = {o.value for o in DeliveryOutcome}
+    for outcome in outcomes:
+        if outcome not in known:
+            raise click.BadParameter(f"{outcome!r}; choose from {', '.join(sorted(known))}", param_hint="--outcome")
+    try:
+        since_at = parse_since(since) if since else None
+    except ValueError:
+        raise click.BadParameter(f"{since!r} is neither like 2h / 7d nor an ISO time", param_hint="--since") from None
+    with current_runtime().sessions() as session:
+        rows = list_deliveries(session, outcomes=outcomes, since=since_at, limit=limit)
+    click.echo(f"{'id':>8}  {'received (UTC)':<26}  {'outcome':<18}  {'http':>4}  {'tries':>5}  {'voucher':<20}  error")
+    for d in rows:
+        click.echo(
+            f"{d.id:>8}  {d.received_at.isoformat()[:26]:<26}  {d.outcome:<18}  {d.http_status:>4}  {d.attempts:>5}  "
+            f"{(d.voucher_code or '-')[:20]:<20}  {(d.error or '')[:80]}"
+        )
+    click.echo(f"({len(rows)} shown)")
+
+
+@deliveries_group.command("replay")
+@click.option("--id", "ids", type=int, multiple=True, help="Replay this delivery (repeatable).")
+@click.option("--failed", is_flag=True, help="Replay every verified delivery that failed on our side.")
+def deliveries_replay(ids: tuple[int, ...], failed: bool) -> None:
+    """Re-run stored deliveries through the apply path; one already applied is not applied again."""
+    from .deliveries import NotReplayable, failed_delivery_ids, replay
+
+    runtime = current_runtime()
+    targets = list(dict.fromkeys(ids))
+    if failed:
+        with runtime.sessions() as session:
+            targets += [i for i in failed_delivery_ids(session) if i not in targets]
+    if not ids and not failed:
+        raise click.UsageError("say which: --id ID (repeatable) and/or --failed")
+    replayed, problems = 0, []
+    with click.progressbar(targets, label="replaying", file=sys.stderr) as bar:
+        for delivery_id in bar:
+            try:
+                with runtime.sessions.begin() as session:
+                    result = replay(session, delivery_id)
+            except (LookupError, NotReplayable) as exc:
+                problems.append(str(exc))
+                continue
+            if result.apply is not None:
+                replayed += 1
+    for problem in problems:
+        click.echo(f"skipped: {problem}", err=True)
+    click.echo(f"replayed {replayed} of {len(targets)}" + (f" ({len(targets) - replayed} already applied or skipped)"
+                                                          if replayed < len(targets) else ""))
+    if problems:
+        sys.exit(1)
+
+
+@deliveries_group.command("purge")
+@click.option("--older-than-days", type=int, help="Default: DELIVERY_RETENTION_DAYS.")
+def deliveries_purge(older_than_days: int | None) -> None:
+    """Drop stored bodies and headers of old deliveries (rows and voucher history stay)."""
+    from .ops import purge_delivery_bodies
+
+    runtime = current_runtime()
+    days = older_than_days or runtime.settings.delivery_retention_days
+    purged = purge_delivery_bodies(runtime.sessions, older_than_days=days)
+    click.echo(f"purged bodies of {purged} deliveries older than {days} days")
+
+
 def register(app: Flask) -> None:
     """Attach every ops command to the app's CLI."""
-    for command in (reconcile_command, scheduler_command, backfill_command):
+    for command in (reconcile_command, scheduler_command, backfill_command, voucher_group, deliveries_group):
         app.cli.add_command(command)

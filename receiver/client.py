@@ -16,6 +16,7 @@ import urllib3
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .config import Settings
+from .metrics import note_rm_call
 from .signature import load_private_key, sign_request
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ class RMClient:
             timeout=(min(5.0, settings.rm_timeout_seconds), settings.rm_timeout_seconds),
             max_retries=settings.rm_max_retries,
             backoff_base=settings.rm_retry_backoff_seconds,
+            on_request=note_rm_call,
         )
         options.update(overrides)
         return cls(**options)

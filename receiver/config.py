@@ -47,6 +47,12 @@ class Settings:
     sqlite_busy_timeout_seconds: float = 10.0
     db_pool_size: int = 10
     log_level: str = "INFO"
+    log_format: str = "text"
+    delivery_retention_days: int = 90
+
+    def secret_values(self) -> list[str]:
+        """Values that must never appear in a log line."""
+        return [v for v in (self.rm_client_secret, self.ops_api_token, self.rm_private_key_pem) if v]
 
     @property
     def rm_credentials_configured(self) -> bool:
@@ -181,6 +187,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
 
+    log_format = (_get(env, "LOG_FORMAT") or "text").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}")
+
     return Settings(
         database_url=database_url,
         rm_environment=environment,
@@ -205,4 +215,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sqlite_busy_timeout_seconds=_float(env, "SQLITE_BUSY_TIMEOUT_SECONDS", 10.0),
         db_pool_size=_int(env, "DB_POOL_SIZE", 10, minimum=1, maximum=200),
         log_level=log_level,
+        log_format=log_format,
+        delivery_retention_days=_int(env, "DELIVERY_RETENTION_DAYS", 90, minimum=1),
     )

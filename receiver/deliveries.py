@@ -177,13 +177,58 @@ def accept_verified(session: Session, incoming: IncomingCallback, snapshot: Vouc
         delivery = prior
         delivery.attempts += 1
         delivery.last_received_at = incoming.received_at
-        delivery.error = None
 
-    result = apply_snapshot(session, snapshot, source=Source.CALLBACK, delivery_id=delivery.id, now=incoming.received_at)
+    return _apply_delivery(session, delivery, snapshot, incoming.received_at)
+
+
+def _apply_delivery(
+    session: Session, delivery: WebhookDelivery, snapshot: VoucherSnapshot, now: datetime
+) -> CallbackResult:
+    """Apply a verified delivery's snapshot and set the delivery's outcome from what happened."""
+    result = apply_snapshot(session, snapshot, source=Source.CALLBACK, delivery_id=delivery.id, now=now)
     status = _STATUS_FOR_OUTCOME[result.outcome]
     delivery.outcome = status.value
     delivery.http_status = 200
+    delivery.error = None
     return CallbackResult(status, delivery.id, delivery.attempts, result)
+
+
+class NotReplayable(Exception):
+    """A stored delivery that replay must not apply (never verified, or its body is gone)."""
+
+
+def replay(session: Session, delivery_id: int, now: datetime | None = None) -> CallbackResult:
+    """Re-run one stored delivery through the apply path, exactly once: an applied one stays a duplicate."""
+    from .snapshot import SnapshotError, snapshot_from_item, voucher_item_from_envelope
+
+    delivery = session.get(WebhookDelivery, delivery_id, with_for_update=True)
+    if delivery is None:
+        raise LookupError(f"no delivery with id {delivery_id}")
+    if not delivery.signature_verified:
+        raise NotReplayable(f"delivery {delivery_id} was {delivery.outcome}: its signature was never verified")
+    if delivery.body is None or delivery.body_truncated:
+        raise NotReplayable(f"delivery {delivery_id} has no complete stored body (purged by retention?)")
+    now = now or utcnow()
+    delivery.replayed_at = now
+    if delivery.outcome != DeliveryOutcome.ERROR.value:
+        # Already applied (or recorded as stale/duplicate) when it arrived: nothing to redo.
+        return CallbackResult(DeliveryOutcome.DUPLICATE, delivery.id, delivery.attempts)
+    try:
+        snapshot = snapshot_from_item(voucher_item_from_envelope(json.loads(delivery.body)))
+    except (ValueError, SnapshotError) as exc:
+        raise NotReplayable(f"delivery {delivery_id} body is not a voucher callback: {exc}") from None
+    return _apply_delivery(session, delivery, snapshot, now)
+
+
+def failed_delivery_ids(session: Session) -> list[int]:
+    """Verified deliveries that failed on our side and are still waiting to be applied."""
+    return list(
+        session.scalars(
+            select(WebhookDelivery.id)
+            .where(WebhookDelivery.outcome == DeliveryOutcome.ERROR.value, WebhookDelivery.signature_verified.is_(True))
+            .order_by(WebhookDelivery.id)
+        )
+    )
 
 
 def receive_verified(

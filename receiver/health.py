@@ -1,4 +1,4 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes, and the Prometheus metrics page."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ def migration_head() -> str | None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return ScriptDirectory.from_config(config).get_current_head()
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format: callbacks, latency, apply outcomes, RM calls, reconciliation, oldest unconfirmed."""
+    from . import metrics as m
+
+    body, content_type = m.render(current_runtime().sessions)
+    return Response(body, content_type=content_type)
 
 
 @bp.get("/healthz")

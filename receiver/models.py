@@ -199,7 +199,10 @@ class WebhookDelivery(Base):
     # Set when retention dropped body and headers (the row and its hash stay as evidence).
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
-    __table_args__ = (CheckConstraint(_in("outcome", DeliveryOutcome), name="outcome"),)
+    __table_args__ = (
+        CheckConstraint(_in("outcome", DeliveryOutcome), name="outcome"),
+        Index("ix_webhook_deliveries_purged_at_received_at", "purged_at", "received_at"),
+    )
 
 
 class ReconcileRun(Base):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import current_app
@@ -24,6 +25,17 @@ class Runtime:
     engine: Engine
     sessions: sessionmaker[Session]
     server_public_key: rsa.RSAPublicKey | None
+    _client: object = field(default=None, repr=False)
+    _client_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def rm_client(self):  # noqa: ANN201 - RMClient; imported lazily to keep start-up light
+        """This process's RM client, built on first use; RMNotConfigured without credentials."""
+        from .client import RMClient
+
+        with self._client_lock:
+            if self._client is None:
+                self._client = RMClient.from_settings(self.settings)
+            return self._client
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Runtime":

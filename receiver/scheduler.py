@@ -18,6 +18,8 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 
 RECONCILE_LEASE = "reconcile"
+RETENTION_LEASE = "retention"
+RETENTION_EVERY_HOURS = 6
 
 
 def lease_ttl(interval_seconds: int) -> float:
@@ -47,6 +49,26 @@ def run_reconcile_under_lease(
         )
 
 
+def run_retention(runtime: Runtime) -> int | None:
+    """Drop bodies and headers of deliveries older than DELIVERY_RETENTION_DAYS, once across all schedulers."""
+    from .ops import purge_delivery_bodies
+
+    try:
+        with Lease(runtime.sessions, RETENTION_LEASE, ttl=300) as lease:
+            if not lease.acquired:
+                return None
+            purged = purge_delivery_bodies(
+                runtime.sessions, older_than_days=runtime.settings.delivery_retention_days
+            )
+    except Exception:  # noqa: BLE001 - a failed purge must not stop the scheduler
+        log.exception("retention job failed")
+        return None
+    if purged:
+        log.info("retention: dropped bodies of %s deliveries older than %s days", purged,
+                 runtime.settings.delivery_retention_days)
+    return purged
+
+
 def build_scheduler(runtime: Runtime, stopping: threading.Event) -> BlockingScheduler:
     """The APScheduler with this process's jobs; reconciliation only when RM credentials are configured."""
     settings = runtime.settings
@@ -54,6 +76,13 @@ def build_scheduler(runtime: Runtime, stopping: threading.Event) -> BlockingSche
         timezone=timezone.utc,
         # One run at a time; runs missed while one was going are merged into a single next run.
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": settings.reconcile_interval_seconds},
+    )
+    scheduler.add_job(
+        lambda: run_retention(runtime),
+        IntervalTrigger(hours=RETENTION_EVERY_HOURS),
+        id="retention",
+        name="purge old delivery bodies",
+        next_run_time=datetime.now(timezone.utc),
     )
     try:
         client = RMClient.from_settings(settings)

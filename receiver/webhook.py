@@ -9,6 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from . import deliveries
 from .deliveries import MAX_BODY_BYTES, TRUNCATED_BODY_BYTES, IncomingCallback, NonceReused
+from .metrics import CALLBACKS
 from .models import DeliveryOutcome
 from .runtime import current_runtime
 from .signature import SignatureError, verify_signed
@@ -56,6 +57,7 @@ def _reject(
         log.info("callback rejected %s delivery=%s: %s", http_status, delivery_id, error, extra={"delivery_id": delivery_id})
     except Exception:  # noqa: BLE001 - the answer to a bad request must not depend on the log write
         log.exception("could not record a rejected callback (%s)", outcome.value)
+    CALLBACKS.labels(outcome.value).inc()
     return jsonify(payload), http_status
 
 
@@ -120,6 +122,7 @@ def voucher_callback() -> tuple[Response, int]:
         result.status.value, snapshot.code, result.delivery_id, result.attempts,
         extra={"voucher_code": snapshot.code, "delivery_id": result.delivery_id},
     )
+    CALLBACKS.labels(result.status.value).inc()
     return jsonify({"status": result.status.value}), 200
 
 
@@ -130,11 +133,14 @@ def _failure(incoming: IncomingCallback, snapshot: VoucherSnapshot, exc: Excepti
     runtime = current_runtime()
     if is_unavailable(exc):
         log.warning("database unavailable for callback: %s", type(exc).__name__, extra={"voucher_code": snapshot.code})
+        CALLBACKS.labels("unavailable").inc()
         return jsonify({"error": "unavailable"}), 503
     log.exception("applying callback failed", extra={"voucher_code": snapshot.code})
     try:
         deliveries.record_failure(runtime.sessions, incoming, snapshot, f"{type(exc).__name__}: {exc}")
     except Exception as second:  # noqa: BLE001
         log.warning("could not record the failed callback: %s", type(second).__name__)
+        CALLBACKS.labels("unavailable").inc()
         return jsonify({"error": "unavailable"}), 503
+    CALLBACKS.labels(DeliveryOutcome.ERROR.value).inc()
     return jsonify({"error": "internal", "detail": "the callback was stored and will be retried"}), 500

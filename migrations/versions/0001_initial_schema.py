@@ -145,6 +145,9 @@ def upgrade() -> None:
     op.create_index("ix_webhook_deliveries_outcome", "webhook_deliveries", ["outcome"])
     op.create_index("ix_webhook_deliveries_voucher_code", "webhook_deliveries", ["voucher_code"])
     op.create_index("ix_webhook_deliveries_nonce", "webhook_deliveries", ["nonce"])
+    op.create_index(
+        "ix_webhook_deliveries_purged_at_received_at", "webhook_deliveries", ["purged_at", "received_at"]
+    )
 
     op.create_table(
         "voucher_events",

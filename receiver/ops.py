@@ -1,0 +1,130 @@
+"""Operator queries and chores shared by the CLI and the ops API: voucher timelines, listings, retention."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import Voucher, VoucherEvent, WebhookDelivery, utcnow
+
+VOUCHER_FIELDS = (
+    "code", "status", "rm_updated_at", "batch_key", "label", "voucher_type", "amount", "discount_rate",
+    "minimum_spend_amount", "origin", "expiry_type", "expiry_day", "expires_at", "assigned_at", "redeemed_at",
+    "used_at", "rm_created_at", "first_seen_at", "last_changed_at", "last_confirmed_at", "last_source",
+    "needs_reconcile", "rm_missing_at",
+)
+EVENT_FIELDS = (
+    "id", "recorded_at", "from_status", "to_status", "rm_updated_at", "source", "outcome", "delivery_id", "detail",
+)
+DELIVERY_FIELDS = (
+    "id", "received_at", "last_received_at", "outcome", "http_status", "attempts", "voucher_code",
+    "signature_verified", "remote_addr", "error", "replayed_at", "purged_at",
+)
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def row_dict(row: object, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The named attributes of a model row, JSON-ready."""
+    return {name: _jsonable(getattr(row, name)) for name in fields}
+
+
+def voucher_with_history(session: Session, code: str) -> dict[str, Any] | None:
+    """A voucher's current state and its whole timeline, oldest event first; None for an unknown code."""
+    voucher = session.scalars(select(Voucher).where(Voucher.code == code)).one_or_none()
+    if voucher is None:
+        return None
+    events = session.scalars(
+        select(VoucherEvent).where(VoucherEvent.voucher_code == code).order_by(VoucherEvent.id)
+    ).all()
+    return {
+        "voucher": row_dict(voucher, VOUCHER_FIELDS),
+        "raw": json.loads(voucher.raw),
+        "history": [row_dict(e, EVENT_FIELDS) for e in events],
+    }
+
+
+def list_vouchers(
+    session: Session, *, status: str | None = None, batch: str | None = None, limit: int = 50, after: int = 0
+) -> tuple[list[dict[str, Any]], int | None]:
+    """A page of vouchers by id (keyset: pass the returned cursor as ``after``); the cursor is None on the last page."""
+    query = select(Voucher).where(Voucher.id > after).order_by(Voucher.id).limit(limit + 1)
+    if status:
+        query = query.where(Voucher.status == status.upper())
+    if batch:
+        query = query.where(Voucher.batch_key == batch)
+    rows = session.scalars(query).all()
+    page = rows[:limit]
+    cursor = page[-1].id if len(rows) > limit else None
+    return [{"id": v.id, **row_dict(v, VOUCHER_FIELDS)} for v in page], cursor
+
+
+_SINCE = re.compile(r"^(\d+)([smhd])$")
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """'90m', '2h', '7d' (ago) or an ISO time; ValueError otherwise."""
+    now = now or utcnow()
+    match = _SINCE.match(text.strip())
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        seconds = amount * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+        return now - timedelta(seconds=seconds)
+    parsed = datetime.fromisoformat(text.strip())
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=now.tzinfo)
+
+
+def list_deliveries(
+    session: Session, *, outcomes: tuple[str, ...] = (), since: datetime | None = None, limit: int = 50
+) -> list[WebhookDelivery]:
+    """Recent deliveries, newest first."""
+    query = select(WebhookDelivery).order_by(WebhookDelivery.id.desc()).limit(limit)
+    if outcomes:
+        query = query.where(WebhookDelivery.outcome.in_(outcomes))
+    if since is not None:
+        query = query.where(WebhookDelivery.received_at >= since)
+    return list(session.scalars(query))
+
+
+def purge_delivery_bodies(
+    factory: sessionmaker[Session],
+    *,
+    older_than_days: int,
+    batch_size: int = 500,
+    now: datetime | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """Drop body and headers of deliveries older than the retention window, in short batches; return how many.
+
+    Rows, hashes, outcomes and every voucher_events row stay: the history keeps its evidence.
+    Each batch is its own transaction, so no lock is held for long.
+    """
+    cutoff = (now or utcnow()) - timedelta(days=older_than_days)
+    purged = 0
+    while True:
+        with factory.begin() as session:
+            # Served by ix_webhook_deliveries_purged_at_received_at: purged rows are never scanned again.
+            ids = list(
+                session.scalars(
+                    select(WebhookDelivery.id)
+                    .where(WebhookDelivery.purged_at.is_(None), WebhookDelivery.received_at < cutoff)
+                    .limit(batch_size)
+                )
+            )
+            if not ids:
+                return purged
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id.in_(ids))
+                .values(body=None, headers=None, purged_at=utcnow())
+            )
+        purged += len(ids)
+        if on_batch is not None:
+            on_batch(len(ids))

@@ -1,0 +1,121 @@
+"""The ops JSON API under /api/: vouchers with history, listings, on-demand reconcile. Bearer OPS_API_TOKEN."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from flask import Blueprint, Response, jsonify, request
+
+from .client import RMNotConfigured
+from .runtime import current_runtime
+from .signature import constant_time_equals
+
+bp = Blueprint("ops_api", __name__, url_prefix="/api")
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+
+
+@lru_cache(maxsize=1)
+def _openapi() -> dict:
+    return json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+
+
+def _error(status: int, error: str, detail: str) -> tuple[Response, int]:
+    return jsonify({"error": error, "detail": detail}), status
+
+
+@bp.before_request
+def _authorise() -> tuple[Response, int] | None:
+    if request.endpoint == "ops_api.openapi":
+        return None
+    token = current_runtime().settings.ops_api_token
+    if not token:
+        return _error(404, "ops_api_disabled", "the ops API is off: set OPS_API_TOKEN to enable it")
+    header = request.headers.get("Authorization", "")
+    offered = header[7:] if header.startswith("Bearer ") else ""
+    # Compare even when nothing was offered, so timing says nothing about the token.
+    if not constant_time_equals(offered, token) or not offered:
+        response, status = _error(401, "unauthorized", "send Authorization: Bearer <OPS_API_TOKEN>")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="rm-voucher-sync ops"'
+        return response, status
+    return None
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI description of this API (no token needed: it holds no data)."""
+    return jsonify(_openapi())
+
+
+@bp.get("/vouchers")
+def vouchers() -> Response | tuple[Response, int]:
+    """Vouchers by status and/or batch, a page at a time (cursor = the last id of the previous page)."""
+    from .ops import list_vouchers
+
+    try:
+        limit = min(max(int(request.args.get("limit", 50)), 1), 500)
+        after = int(request.args.get("cursor", 0))
+    except ValueError:
+        return _error(400, "bad_request", "limit and cursor must be whole numbers")
+    with current_runtime().sessions() as session:
+        items, cursor = list_vouchers(
+            session, status=request.args.get("status"), batch=request.args.get("batch"), limit=limit, after=after
+        )
+    return jsonify({"items": items, "next_cursor": cursor})
+
+
+@bp.get("/vouchers/<path:code>")
+def voucher(code: str) -> Response | tuple[Response, int]:
+    """One voucher's current state and its full timeline, oldest first."""
+    from .ops import voucher_with_history
+
+    with current_runtime().sessions() as session:
+        found = voucher_with_history(session, code)
+    if found is None:
+        return _error(404, "not_found", f"no voucher with code {code!r}")
+    return jsonify(found)
+
+
+@bp.post("/vouchers/<path:code>/reconcile")
+def reconcile_voucher(code: str) -> Response | tuple[Response, int]:
+    """Ask RM for this voucher now and apply its answer; returns the run's counts and the voucher."""
+    from .ops import voucher_with_history
+    from .reconciliation import reconcile_codes
+
+    runtime = current_runtime()
+    try:
+        client = runtime.rm_client()
+    except RMNotConfigured as exc:
+        return _error(503, "rm_not_configured", exc.message)
+    summary = reconcile_codes(runtime.sessions, client, [code], concurrency=1, trigger="api")
+    with runtime.sessions() as session:
+        found = voucher_with_history(session, code)
+    body = {
+        "run_id": summary.run_id,
+        "checked": summary.checked,
+        "changed": summary.changed,
+        "failed": summary.failed,
+        "not_found": summary.not_found,
+        "error": summary.error,
+        "voucher": found,
+    }
+    return jsonify(body), (502 if summary.failed else 200)
+
+
+@bp.get("/deliveries")
+def deliveries() -> Response | tuple[Response, int]:
+    """Recent callback deliveries, newest first, optionally by outcome and time."""
+    from .ops import DELIVERY_FIELDS, list_deliveries, parse_since, row_dict
+
+    try:
+        since = parse_since(request.args["since"]) if request.args.get("since") else None
+        limit = min(max(int(request.args.get("limit", 50)), 1), 500)
+    except ValueError:
+        return _error(400, "bad_request", "since is like 2h / 7d or an ISO time; limit is a whole number")
+    with current_runtime().sessions() as session:
+        rows = list_deliveries(session, outcomes=tuple(request.args.getlist("outcome")), since=since, limit=limit)
+        items = [row_dict(d, DELIVERY_FIELDS) for d in rows]
+    return jsonify({"items": items})
+
+
