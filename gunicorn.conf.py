@@ -6,17 +6,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+# .env first, so WEB_CONCURRENCY and friends from it apply here too (real environment variables win).
+if Path(".env").is_file():
+    from dotenv import load_dotenv
+
+    load_dotenv(".env", override=False)
+
 # Sync workers: each callback is a short CPU + database burst, and a worker per request keeps a
 # slow database from stalling others beyond its own request.
 worker_class = "sync"
-workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() * 2 + 1))
+workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count() * 2 + 1)
 # A request waits at most SQLITE_BUSY_TIMEOUT_SECONDS (10 s) or the PostgreSQL pool/connect
 # timeouts (5 s); the worker timeout must be longer so those become 503s, not killed workers.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 30)
 
 # Workers count metrics into files here so /metrics adds them all up (prometheus_client multiprocess).
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rmvs-metrics-")
+Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
     stale.unlink()
 graceful_timeout = 20

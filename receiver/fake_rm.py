@@ -492,10 +492,36 @@ class FakeRM:
         def fake_seed() -> Any:
             body = request.get_json(silent=True) or {}
             count, prefix = int(body.get("count", 0)), body.get("prefix", "V")
-            status = body.get("status", "ISSUE")
+            status, batches = body.get("status", "VALID"), int(body.get("batches", 1))
             for i in range(count):
-                fake.add_voucher(f"{prefix}{i:06d}", batch_key=body.get("batch_key", "batch-1"), status=status)
+                fake.add_voucher(f"{prefix}{i:06d}", batch_key=f"batch-{i % batches}", status=status)
             return jsonify({"vouchers": len(fake.vouchers)})
+
+        @app.get("/_fake/vouchers")
+        def fake_dump() -> Any:
+            with fake.lock:
+                return jsonify({c: {"status": v["status"], "updatedAt": v["updatedAt"]} for c, v in fake.vouchers.items()})
+
+        @app.post("/_fake/simulate")
+        def fake_simulate() -> Any:
+            """Every VALID voucher lives a random life; push its callbacks (lossy, duplicated, reordered)."""
+            body = request.get_json(silent=True) or {}
+            plan = CallbackPlan(
+                loss=float(body.get("loss", 0.25)),
+                duplicate=float(body.get("duplicate", 0.1)),
+                reorder=float(body.get("reorder", 0.2)),
+                attempts=int(body.get("attempts", 5)),
+                interval=float(body.get("interval", 0.2)),
+            )
+            with fake.lock:
+                codes = [code for code, item in fake.vouchers.items() if item["status"] == "VALID"]
+            changes = fake.live(codes)
+            planned = fake.plan_deliveries(changes, plan)
+            statuses = fake.deliver(body["callback_url"], planned, plan, workers=int(body.get("workers", 6)))
+            return jsonify({
+                "vouchers": len(codes), "changes": len(changes), "callbacks_planned": len(planned),
+                "delivered_200": sum(1 for s in statuses if s == 200),
+            })
 
         @app.post("/_fake/vouchers/<path:code>/status")
         def fake_set_status(code: str) -> Any:

@@ -82,3 +82,17 @@ def test_keys_from_files_and_never_echoed(vectors: dict, tmp_path: Path) -> None
         load_settings({**_base(vectors), "RM_PRIVATE_KEY": garbage})
     assert "RM_PRIVATE_KEY is not a PEM-encoded RSA private key" == str(info.value)
     assert "c2VjcmV0" not in str(info.value)
+
+
+def test_env_example_lists_every_variable_the_code_reads() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = (root / "receiver" / "config.py").read_text() + (root / "gunicorn.conf.py").read_text()
+    read = set(re.findall(r'"([A-Z][A-Z0-9_]{3,})"', code)) - {"FULL", "NORMAL", "EXTRA", "GET", "POST", "INFO",
+                                                                "DEBUG", "WARNING", "ERROR"}
+    read |= {f"{name}_FILE" for name in ("RM_SERVER_PUBLIC_KEY", "RM_PRIVATE_KEY")}
+    listed = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", (root / ".env.example").read_text(), re.M))
+    assert read - listed == set(), "variables read but not documented in .env.example"
+    assert listed - read == set(), "variables documented but never read"
