@@ -137,7 +137,8 @@ ORDER BY rejections DESC, last_rejected_at DESC;
 -- name: errored_deliveries_never_replayed
 -- Verified callbacks that failed on our side (outcome 'error', we answered 5xx) and that RM has
 -- not successfully redelivered and no operator has replayed (replayed_at IS NULL), oldest first.
--- A redelivery that later succeeded turns the row into 'accepted', so it drops off this list.
+-- A redelivery or a replay that succeeded turns the row into 'accepted', so it drops off this
+-- list. Replay them with: flask --app receiver deliveries replay --failed   (or --id ID)
 -- Adapt: add "AND d.received_at >= (SELECT week_ago_utc FROM ops_clock)" to limit the window.
 SELECT d.id,
        d.received_at,
@@ -192,52 +193,29 @@ LIMIT 200;
 
 
 -- name: last_reconcile_runs
--- The last 20 reconciliation runs, newest first, with their counts and duration in whole seconds.
+-- The last 20 reconciliation runs, newest first, with their counts and duration in seconds.
 -- state: 'running (or crashed)' when finished_at is missing (a run that crashed never finishes),
 -- 'stopped' when it ended early with an error, else 'ok'.
--- duration_seconds is computed portably from the time of day, to the second (+/- 1 s), and is
--- only right for runs shorter than 24 hours. On PostgreSQL, SET TIME ZONE 'UTC' first.
--- Adapt: change LIMIT 20; add "WHERE r.error IS NOT NULL" inside the WITH to see failed runs only.
-WITH recent AS (
-    SELECT r.id,
-           r."trigger",
-           r.started_at,
-           r.finished_at,
-           r.checked,
-           r.changed,
-           r.failed,
-           r.error,
-           CAST(r.started_at AS VARCHAR(40)) AS started_text,
-           CAST(r.finished_at AS VARCHAR(40)) AS finished_text
-    FROM reconcile_runs r
-    ORDER BY r.started_at DESC, r.id DESC
-    LIMIT 20
-)
-SELECT id,
-       "trigger",
-       started_at,
-       finished_at,
-       checked,
-       changed,
-       failed,
+-- Adapt: change LIMIT 20; add "WHERE r.error IS NOT NULL" to see failed runs only.
+SELECT r.id,
+       r."trigger",
+       r.started_at,
+       r.finished_at,
+       r.checked,
+       r.changed,
+       r.failed,
+       r.not_found,
+       r.reinstated,
+       r.duration_ms / 1000.0 AS duration_seconds,
        CASE
-           WHEN finished_at IS NULL THEN NULL
-           ELSE (  CAST(SUBSTR(finished_text, 12, 2) AS INTEGER) * 3600
-                 + CAST(SUBSTR(finished_text, 15, 2) AS INTEGER) * 60
-                 + CAST(SUBSTR(finished_text, 18, 2) AS INTEGER)
-                 - CAST(SUBSTR(started_text, 12, 2) AS INTEGER) * 3600
-                 - CAST(SUBSTR(started_text, 15, 2) AS INTEGER) * 60
-                 - CAST(SUBSTR(started_text, 18, 2) AS INTEGER)
-                 + 86400) % 86400
-       END AS duration_seconds,
-       CASE
-           WHEN finished_at IS NULL THEN 'running (or crashed)'
-           WHEN error IS NOT NULL THEN 'stopped'
+           WHEN r.finished_at IS NULL THEN 'running (or crashed)'
+           WHEN r.error IS NOT NULL THEN 'stopped'
            ELSE 'ok'
        END AS state,
-       error
-FROM recent
-ORDER BY started_at DESC, id DESC;
+       r.error
+FROM reconcile_runs r
+ORDER BY r.started_at DESC, r.id DESC
+LIMIT 20;
 
 
 -- name: expired_by_date_not_confirmed
@@ -355,7 +333,9 @@ ORDER BY last_seen_at DESC, unknown_status ASC;
 -- name: reinstated_vouchers
 -- Vouchers RM moved "backwards" (e.g. VOID -> VALID, a reinstatement) that we applied only
 -- because RM itself confirmed it in answer to our own request (reconcile, backfill, merchant
--- action), most recent first. Callbacks can never do this (they end as 'illegal').
+-- action), most recent first. A callback can never do this (it ends as 'illegal').
+-- The apply service marks these events only by their detail text 'RM confirms <from> -> <to>'
+-- (always outcome 'applied', never source 'callback'); there is no column for it.
 -- Adapt: add "AND e.recorded_at >= (SELECT month_ago_utc FROM ops_clock)" to limit the window.
 SELECT e.recorded_at,
        e.voucher_code AS code,
@@ -364,9 +344,7 @@ SELECT e.recorded_at,
        e.source,
        e.detail
 FROM voucher_events e
-WHERE e.outcome = 'applied'
-  AND e.source <> 'callback'
-  AND e.detail LIKE 'RM confirms %'
+WHERE e.detail LIKE 'RM confirms %'
 ORDER BY e.recorded_at DESC, e.id DESC
 LIMIT 100;
 

@@ -110,6 +110,81 @@ def voucher_show(code: str, as_json: bool) -> None:
         )
 
 
+def _actions(actor: str | None):  # noqa: ANN202
+    import getpass
+
+    from .actions import MerchantActions
+
+    return MerchantActions(current_runtime().sessions, _client(), actor=actor or f"cli:{getpass.getuser()}")
+
+
+def _report(run) -> None:  # noqa: ANN001
+    """Run an action, print its one-line result and the voucher it touched; exit 1 unless it succeeded."""
+    from .actions import ActionInputError
+
+    try:
+        outcome = run()
+    except ActionInputError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(outcome.line())
+    item = outcome.item or {}
+    if "status" in item:
+        click.echo(f"voucher {item.get('code')}: {item.get('status')} (RM updatedAt {item.get('updatedAt')})")
+    elif "noOfChoppedStamp" in item:
+        click.echo(f"card {item.get('key')}: {item.get('noOfChoppedStamp')} stamps"
+                   + (", completed" if item.get("isCompleted") else ""))
+    if outcome.status != "succeeded":
+        sys.exit(1)
+
+
+_request_id = click.option("--request-id", help="Idempotency key: an action with this id runs at most once.")
+_actor = click.option("--actor", help="Who is doing this (recorded); default cli:<login>.")
+
+
+@voucher_group.command("redeem")
+@click.argument("code")
+@click.option("--country-code", required=True, help="Member's country calling code, digits (e.g. 60).")
+@click.option("--phone", required=True, help="Member's phone number without the country code, digits.")
+@_request_id
+@_actor
+def voucher_redeem(code: str, country_code: str, phone: str, request_id: str | None, actor: str | None) -> None:
+    """Redeem CODE for a member through RM, and record it."""
+    _report(lambda: _actions(actor).redeem(code, country_code=country_code, phone_number=phone, request_id=request_id))
+
+
+@voucher_group.command("void")
+@click.argument("code")
+@click.option("--used-at", help="RFC 3339 time the voucher was used (default: now, at RM).")
+@_request_id
+@_actor
+def voucher_void(code: str, used_at: str | None, request_id: str | None, actor: str | None) -> None:
+    """Void (use) CODE through RM, and record it."""
+    _report(lambda: _actions(actor).void(code, used_at=used_at, request_id=request_id))
+
+
+@voucher_group.command("issue")
+@click.argument("batch_key")
+@_request_id
+@_actor
+def voucher_issue(batch_key: str, request_id: str | None, actor: str | None) -> None:
+    """Issue the next voucher of BATCH_KEY through RM, and record it."""
+    _report(lambda: _actions(actor).issue(batch_key, request_id=request_id))
+
+
+@click.group("stamp", cls=AppGroup)
+def stamp_group() -> None:
+    """Loyalty chop stamps."""
+
+
+@stamp_group.command("give")
+@click.argument("card_code")
+@_request_id
+@_actor
+def stamp_give(card_code: str, request_id: str | None, actor: str | None) -> None:
+    """Give a chop stamp by the card's QR code '<card key>:<uuid>', and record it."""
+    _report(lambda: _actions(actor).give_stamp(card_code, request_id=request_id))
+
+
 @click.group("deliveries", cls=AppGroup)
 def deliveries_group() -> None:
     """Look at, replay and purge stored callback deliveries."""
@@ -190,5 +265,7 @@ def deliveries_purge(older_than_days: int | None) -> None:
 
 def register(app: Flask) -> None:
     """Attach every ops command to the app's CLI."""
-    for command in (reconcile_command, scheduler_command, backfill_command, voucher_group, deliveries_group):
+    for command in (
+        reconcile_command, scheduler_command, backfill_command, voucher_group, deliveries_group, stamp_group,
+    ):
         app.cli.add_command(command)

@@ -365,11 +365,7 @@ class RMClient:
         """Get Voucher By Code: RM's current voucher object."""
         path = f"/v3/voucher/{self.voucher_path(code)}"
         body = {} if self.lookup_method == "POST" else None
-        payload = self.request(self.lookup_method, path, body=body, endpoint="get_voucher")
-        item = payload.get("item")
-        if not isinstance(item, dict):
-            raise RMError("BAD_RESPONSE", "Get Voucher By Code returned no item")
-        return item
+        return self._item(self.request(self.lookup_method, path, body=body, endpoint="get_voucher"))
 
     def _pages(self, path: str, endpoint: str, cursor: str | None = None) -> Iterator[tuple[list[dict], str | None]]:
         while True:
@@ -390,3 +386,37 @@ class RMClient:
     def batch_voucher_pages(self, batch_key: str, cursor: str | None = None) -> Iterator[tuple[list[dict], str | None]]:
         """The vouchers of one batch, a page at a time, with the cursor that resumes after each page."""
         yield from self._pages(f"/v3/voucher-batch/{quote(batch_key, safe='')}", "voucher_batch", cursor)
+
+    # -- merchant actions: state-changing, so never blindly re-sent after an ambiguous failure ---
+
+    def redeem_voucher(self, code: str, *, country_code: str, phone_number: str) -> dict[str, Any]:
+        """Redeem a voucher for a member (RM sets REDEEMED); returns RM's voucher object."""
+        path = f"/v3/loyalty/me/voucher/{self.voucher_path(code)}/redeem"
+        params = {"countryCode": country_code, "phoneNumber": phone_number}
+        return self._item(self.request("POST", path, params=params, endpoint="redeem", safe_to_repeat=False))
+
+    def void_voucher(self, code: str, *, used_at: str | None = None) -> dict[str, Any]:
+        """Void (use) a voucher at the shop (RM sets VOID); returns RM's voucher object."""
+        body = {"usedAt": used_at} if used_at else {}
+        path = f"/v3/voucher/{self.voucher_path(code)}/void"
+        return self._item(self.request("POST", path, body=body, endpoint="void", safe_to_repeat=False))
+
+    def issue_voucher(self, batch_key: str) -> dict[str, Any]:
+        """Issue the next voucher of a batch (RM sets ISSUE); returns RM's voucher object."""
+        path = f"/v3/voucher-batch/{quote(batch_key, safe='')}/issue"
+        return self._item(self.request("POST", path, body={}, endpoint="issue", safe_to_repeat=False))
+
+    def scan_chop_stamp(self, card_code: str) -> dict[str, Any]:
+        """Give a chop stamp by the card QR code ``<card key>:<uuid>``; returns RM's card object."""
+        payload = self.request(
+            "POST", "/v3/loyalty/chop-stamp/card/scan", body={"code": card_code}, endpoint="chop_stamp",
+            safe_to_repeat=False,
+        )
+        return self._item(payload)
+
+    @staticmethod
+    def _item(payload: dict[str, Any]) -> dict[str, Any]:
+        item = payload.get("item")
+        if not isinstance(item, dict):
+            raise RMError("BAD_RESPONSE", "RM's answer has no item")
+        return item

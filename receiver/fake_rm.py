@@ -56,6 +56,9 @@ class Faults:
     timeout_sleep: float = 3.0
     # Apply the next N state changes, then answer only after ``timeout_sleep`` (a lost response).
     drop_after_apply: int = 0
+    # Answer the next N API requests with this status before doing anything (deterministic failures).
+    fail_next: int = 0
+    fail_status: int = 503
 
 
 @dataclass
@@ -114,6 +117,9 @@ class FakeRM:
         self.log: list[LoggedRequest] = []
         self.callbacks_sent = 0
         self.page_size = 100
+        # Snapshots of changes made through the API, for tests to deliver as RM's callbacks.
+        self.outbox: list[dict[str, Any]] = []
+        self.stamps_per_card = 10
         # RM's clock starts at the real time so expiry dates and "stale after" windows behave as in production.
         self.clock = datetime.now(timezone.utc).replace(microsecond=0)
         self.lock = threading.RLock()
@@ -315,6 +321,12 @@ class FakeRM:
 
     def _inject_faults(self) -> tuple[Response, int] | None:
         f = self.faults
+        with self.lock:
+            forced = f.fail_next > 0
+            if forced:
+                f.fail_next -= 1
+        if forced:
+            return rm_error("INTERNAL_SERVER_ERROR", "forced failure", f.fail_status)
         if f.latency:
             time.sleep(f.latency)
         roll = self.rng.random()
@@ -337,20 +349,17 @@ class FakeRM:
 
         @app.after_request
         def _log(response: Response) -> Response:
-            endpoint = request.environ.get("fake_rm.endpoint")
-            if endpoint:
-                with fake.lock:
-                    fake.log.append(
-                        LoggedRequest(
-                            request.method, request.path, endpoint, request.environ.get("fake_rm.code"),
-                            response.status_code, request.environ["fake_rm.started"], time.monotonic(),
-                        )
-                    )
+            entry = request.environ.get("fake_rm.entry")
+            if entry is not None:
+                entry.status, entry.finished = response.status_code, time.monotonic()
             return response
 
         @app.post("/v1/token")
         def token() -> Any:
-            request.environ["fake_rm.endpoint"] = "token"
+            entry = LoggedRequest("POST", "/v1/token", "token", None, 0, request.environ["fake_rm.started"], 0.0)
+            request.environ["fake_rm.entry"] = entry
+            with fake.lock:
+                fake.log.append(entry)
             header = request.headers.get("Authorization", "")
             expected = base64.b64encode(f"{fake.client_id}:{fake.client_secret}".encode()).decode()
             if header != f"Basic {expected}":
@@ -372,8 +381,12 @@ class FakeRM:
             )
 
         def guarded(endpoint: str, code: str | None = None) -> tuple[Response, int] | None:
-            request.environ["fake_rm.endpoint"] = endpoint
-            request.environ["fake_rm.code"] = code
+            # Logged on arrival (status 0 until answered), so a request whose answer is delayed still counts.
+            entry = LoggedRequest(request.method, request.path, endpoint, code, 0,
+                                  request.environ["fake_rm.started"], 0.0)
+            request.environ["fake_rm.entry"] = entry
+            with fake.lock:
+                fake.log.append(entry)
             return fake._check_auth() or fake._inject_faults()
 
         @app.route("/v3/voucher/<path:rest>", methods=["GET", "POST"])
@@ -421,6 +434,21 @@ class FakeRM:
                 snap = fake.set_status(code, "REDEEMED", memberProfile=profile)
             return fake._answer({"item": snap, "code": "SUCCESS"})
 
+        @app.post("/v3/voucher-batch/<path:key>/issue")
+        def issue(key: str) -> Any:
+            refused = guarded("issue", key)
+            if refused:
+                return refused
+            with fake.lock:
+                batch = fake.batches.get(key)
+                if batch is None:
+                    return rm_error("VOUCHER_BATCH_NOT_FOUND", f"voucher batch {key} not found", 404)
+                code = next((c for c in batch["codes"] if fake.vouchers.get(c, {}).get("status") == "VALID"), None)
+                if code is None:
+                    return rm_error("VOUCHER_BATCH_EMPTY", "no VALID voucher left in this batch", 400)
+                snap = fake.set_status(code, "ISSUE")
+            return fake._answer({"item": snap, "code": "SUCCESS"})
+
         @app.post("/v3/loyalty/chop-stamp/card/scan")
         def chop_stamp() -> Any:
             refused = guarded("chop_stamp")
@@ -433,7 +461,8 @@ class FakeRM:
             with fake.lock:
                 card = fake.cards.setdefault(
                     card_key,
-                    {"id": card_key, "key": card_key, "noOfChoppedStamp": 0, "isCompleted": False, "target": 10,
+                    {"id": str(1583401221690518310 + len(fake.cards)), "key": card_key, "noOfChoppedStamp": 0,
+                     "isCompleted": False, "target": fake.stamps_per_card,
                      "startAt": rm_time(fake.clock), "endAt": rm_time(fake.clock + timedelta(days=365)),
                      "createdAt": rm_time(fake.clock), "seen": set()},
                 )
@@ -538,6 +567,8 @@ class FakeRM:
     def _answer(self, payload: dict[str, Any]) -> Any:
         """Answer a state change, unless told to lose the response after applying it."""
         with self.lock:
+            if "status" in payload["item"]:
+                self.outbox.append(json.loads(json.dumps(payload["item"])))
             lose = self.faults.drop_after_apply > 0
             if lose:
                 self.faults.drop_after_apply -= 1
@@ -554,7 +585,8 @@ class FakeRM:
         Waitress, not werkzeug's development server: it keeps HTTP/1.1 connections alive, as RM's
         servers do, and a new TCP connection per request would dominate every benchmark.
         """
-        logging.getLogger("waitress").setLevel(logging.ERROR)
+        # Answers delayed past shutdown make waitress log socket errors; the fake's own log is what matters.
+        logging.getLogger("waitress").setLevel(logging.CRITICAL)
         self._server = create_server(self.app, host=host, port=port, threads=threads, channel_timeout=30)
         self.base_url = f"http://{host}:{self._server.effective_port}"
         threading.Thread(target=self._server.run, name="fake-rm", daemon=True).start()

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -143,7 +144,20 @@ class Voucher(Base):
     # Set when RM answered VOUCHER_NOT_FOUND: reconciliation stops polling until RM mentions it again.
     rm_missing_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
-    __table_args__ = (Index("ix_vouchers_status_last_confirmed_at", "status", "last_confirmed_at"),)
+    __table_args__ = (
+        Index("ix_vouchers_status_last_confirmed_at", "status", "last_confirmed_at"),
+        Index("ix_vouchers_status_last_changed_at", "status", "last_changed_at"),
+        Index("ix_vouchers_expires_at", "expires_at"),
+        # Few rows are flagged or missing at any time: partial indexes keep those look-ups small.
+        Index(
+            "ix_vouchers_needs_reconcile", "last_changed_at",
+            sqlite_where=text("needs_reconcile = 1"), postgresql_where=text("needs_reconcile = true"),
+        ),
+        Index(
+            "ix_vouchers_rm_missing_at", "rm_missing_at",
+            sqlite_where=text("rm_missing_at IS NOT NULL"), postgresql_where=text("rm_missing_at IS NOT NULL"),
+        ),
+    )
 
 
 class VoucherEvent(Base):
@@ -168,6 +182,7 @@ class VoucherEvent(Base):
         UniqueConstraint("voucher_code", "snapshot_sha256", "outcome"),
         CheckConstraint(_in("outcome", EVENT_OUTCOMES), name="outcome"),
         Index("ix_voucher_events_voucher_code_id", "voucher_code", "id"),
+        Index("ix_voucher_events_outcome_recorded_at", "outcome", "recorded_at"),
     )
 
 
@@ -182,7 +197,7 @@ class WebhookDelivery(Base):
     body_sha256: Mapped[str] = mapped_column(String(64))
     # body_sha256 of signature-verified deliveries only, so forgeries never merge with real ones.
     dedupe_key: Mapped[str | None] = mapped_column(String(64), unique=True)
-    outcome: Mapped[str] = mapped_column(String(24), index=True)
+    outcome: Mapped[str] = mapped_column(String(24))
     http_status: Mapped[int] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     voucher_code: Mapped[str | None] = mapped_column(String(128), index=True)
@@ -202,6 +217,7 @@ class WebhookDelivery(Base):
     __table_args__ = (
         CheckConstraint(_in("outcome", DeliveryOutcome), name="outcome"),
         Index("ix_webhook_deliveries_purged_at_received_at", "purged_at", "received_at"),
+        Index("ix_webhook_deliveries_outcome_received_at", "outcome", "received_at"),
     )
 
 
@@ -217,6 +233,9 @@ class ReconcileRun(Base):
     checked: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     changed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    not_found: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reinstated: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
 
 
@@ -242,3 +261,75 @@ class BackfillBatch(Base):
     vouchers_seen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Action(Base):
+    """Something the merchant asked RM to do through us (redeem, void, issue, chop stamp), and what came of it."""
+
+    __tablename__ = "actions"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    # Caller-supplied (or generated) idempotency key: an action with a given request id runs at most once.
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(24))
+    target: Mapped[str] = mapped_column(String(255), index=True)
+    params: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))
+    decision: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rm_error_code: Mapped[str | None] = mapped_column(String(64))
+    rm_error_message: Mapped[str | None] = mapped_column(Text)
+    voucher_code: Mapped[str | None] = mapped_column(String(128))
+    event_id: Mapped[int | None] = mapped_column(Id)
+    result: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        CheckConstraint("kind IN ('redeem', 'void', 'issue', 'chop_stamp')", name="kind"),
+        CheckConstraint("status IN ('pending', 'succeeded', 'failed', 'ambiguous')", name="status"),
+    )
+
+
+class StampCard(Base):
+    """A loyalty chop-stamp card as RM last described it."""
+
+    __tablename__ = "stamp_cards"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), unique=True)
+    rm_id: Mapped[str | None] = mapped_column(String(64))
+    no_of_chopped_stamp: Mapped[int] = mapped_column(Integer)
+    is_completed: Mapped[bool] = mapped_column(Boolean)
+    start_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    end_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    rm_created_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    rm_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Our clock when a scan first showed the card completed; set once.
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class StampEvent(Base):
+    """One chop-stamp scan result, append-only: a card's progress over time."""
+
+    __tablename__ = "stamp_events"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    card_key: Mapped[str] = mapped_column(String(255), ForeignKey("stamp_cards.key"))
+    action_id: Mapped[int | None] = mapped_column(Id, ForeignKey("actions.id"), index=True)
+    scan_code: Mapped[str] = mapped_column(String(512))
+    no_of_chopped_stamp: Mapped[int | None] = mapped_column(Integer)
+    is_completed: Mapped[bool | None] = mapped_column(Boolean)
+    # True on the one scan that completed the card.
+    completed_now: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    rm_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    payload: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("scan_code"),
+        Index("ix_stamp_events_card_key_id", "card_key", "id"),
+    )

@@ -119,3 +119,58 @@ def deliveries() -> Response | tuple[Response, int]:
     return jsonify({"items": items})
 
 
+
+
+def _actions():  # noqa: ANN202
+    from .actions import MerchantActions
+
+    runtime = current_runtime()
+    return MerchantActions(runtime.sessions, runtime.rm_client(), actor="ops-api")
+
+
+_ACTION_STATUS = {"succeeded": 200, "failed": 422, "ambiguous": 502, "pending": 409}
+
+
+def _run_action(run) -> tuple[Response, int]:  # noqa: ANN001
+    """Run an action; answer with its outcome and a status saying how it ended."""
+    from .actions import ActionInputError
+
+    body = request.get_json(silent=True)
+    if body is not None and not isinstance(body, dict):
+        return _error(400, "bad_request", "the body must be a JSON object")
+    body = body or {}
+    request_id = body.get("requestId") or request.headers.get("Idempotency-Key")
+    try:
+        outcome = run(body, request_id)
+    except ActionInputError as exc:
+        return _error(400, "invalid_input", str(exc))
+    except RMNotConfigured as exc:
+        return _error(503, "rm_not_configured", exc.message)
+    return jsonify(outcome.as_dict()), _ACTION_STATUS[outcome.status]
+
+
+@bp.post("/vouchers/<path:code>/redeem")
+def redeem_voucher(code: str) -> tuple[Response, int]:
+    """Redeem a voucher for a member through RM; recorded at once."""
+    return _run_action(lambda body, rid: _actions().redeem(
+        code, country_code=str(body.get("countryCode", "")), phone_number=str(body.get("phoneNumber", "")),
+        request_id=rid,
+    ))
+
+
+@bp.post("/vouchers/<path:code>/void")
+def void_voucher(code: str) -> tuple[Response, int]:
+    """Void (use) a voucher through RM; recorded at once."""
+    return _run_action(lambda body, rid: _actions().void(code, used_at=body.get("usedAt"), request_id=rid))
+
+
+@bp.post("/voucher-batches/<path:batch_key>/issue")
+def issue_voucher(batch_key: str) -> tuple[Response, int]:
+    """Issue the next voucher of a batch through RM; recorded at once."""
+    return _run_action(lambda body, rid: _actions().issue(batch_key, request_id=rid))
+
+
+@bp.post("/stamps")
+def give_stamp() -> tuple[Response, int]:
+    """Give a chop stamp by the card's QR code; recorded at once."""
+    return _run_action(lambda body, rid: _actions().give_stamp(str(body.get("code", "")), request_id=rid))

@@ -134,6 +134,8 @@ class Reconciler:
             run = session.get(ReconcileRun, summary.run_id)
             run.finished_at = utcnow()
             run.checked, run.changed, run.failed = summary.checked, summary.changed, summary.failed
+            run.not_found, run.reinstated = summary.not_found, summary.reinstated
+            run.duration_ms = int(summary.seconds * 1000)
             run.error = summary.error
 
     def run(self, codes: Iterable[str], *, trigger: str) -> ReconcileSummary:

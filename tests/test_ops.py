@@ -134,7 +134,7 @@ def test_api_is_off_without_a_token_and_documents_itself(settings_env) -> None: 
         app.extensions["rm_voucher_sync"].engine.dispose()
     documented = {(path, method.upper()) for path, ops in spec["paths"].items() for method in ops}
     served = {
-        (rule.rule.replace("<path:code>", "{code}"), method)
+        (rule.rule.replace("<path:code>", "{code}").replace("<path:batch_key>", "{batch_key}"), method)
         for rule in app.url_map.iter_rules() if rule.rule.startswith("/api/")
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }

@@ -115,6 +115,16 @@ def upgrade() -> None:
     )
     op.create_index("ix_vouchers_batch_key", "vouchers", ["batch_key"])
     op.create_index("ix_vouchers_status_last_confirmed_at", "vouchers", ["status", "last_confirmed_at"])
+    op.create_index("ix_vouchers_status_last_changed_at", "vouchers", ["status", "last_changed_at"])
+    op.create_index("ix_vouchers_expires_at", "vouchers", ["expires_at"])
+    op.create_index(
+        "ix_vouchers_needs_reconcile", "vouchers", ["last_changed_at"],
+        sqlite_where=sa.text("needs_reconcile = 1"), postgresql_where=sa.text("needs_reconcile = true"),
+    )
+    op.create_index(
+        "ix_vouchers_rm_missing_at", "vouchers", ["rm_missing_at"],
+        sqlite_where=sa.text("rm_missing_at IS NOT NULL"), postgresql_where=sa.text("rm_missing_at IS NOT NULL"),
+    )
 
     op.create_table(
         "webhook_deliveries",
@@ -142,7 +152,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("dedupe_key", name="uq_webhook_deliveries_dedupe_key"),
     )
     op.create_index("ix_webhook_deliveries_received_at", "webhook_deliveries", ["received_at"])
-    op.create_index("ix_webhook_deliveries_outcome", "webhook_deliveries", ["outcome"])
+    op.create_index("ix_webhook_deliveries_outcome_received_at", "webhook_deliveries", ["outcome", "received_at"])
     op.create_index("ix_webhook_deliveries_voucher_code", "webhook_deliveries", ["voucher_code"])
     op.create_index("ix_webhook_deliveries_nonce", "webhook_deliveries", ["nonce"])
     op.create_index(
@@ -178,6 +188,7 @@ def upgrade() -> None:
     op.create_index("ix_voucher_events_voucher_code_id", "voucher_events", ["voucher_code", "id"])
     op.create_index("ix_voucher_events_delivery_id", "voucher_events", ["delivery_id"])
     op.create_index("ix_voucher_events_recorded_at", "voucher_events", ["recorded_at"])
+    op.create_index("ix_voucher_events_outcome_recorded_at", "voucher_events", ["outcome", "recorded_at"])
 
     op.create_table(
         "reconcile_runs",
@@ -188,6 +199,9 @@ def upgrade() -> None:
         sa.Column("checked", sa.Integer(), server_default="0", nullable=False),
         sa.Column("changed", sa.Integer(), server_default="0", nullable=False),
         sa.Column("failed", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("not_found", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("reinstated", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("duration_ms", sa.Integer(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_reconcile_runs"),
     )

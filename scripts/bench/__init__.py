@@ -1,0 +1,1 @@
+"""Helpers for scripts/bench_ingest.py (the callback ingest benchmark)."""
