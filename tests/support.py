@@ -130,51 +130,90 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
         try:
-            requests.get(url, timeout=1)
+            requests.get(url, timeout=2)
             return
-        except requests.ConnectionError:
+        except requests.RequestException:  # refused while starting, or slow on a busy machine
             time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-@contextmanager
-def gunicorn_server(env: dict[str, str], *, workers: int = 4, cwd: Path | None = None) -> Iterator[str]:
-    """Run the real web process (`gunicorn "receiver:create_app()"`, production settings) and yield its base URL.
+class Gunicorn:
+    """The real web process (`gunicorn "receiver:create_app()"`, production settings) under a test's control.
 
     It runs outside the checkout so a developer's own .env never leaks into a test.
     """
-    port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RM_", "DATABASE_URL", "OPS_"))}
-    full_env.update(env)
-    full_env["PYTHONPATH"] = str(ROOT)
-    full_env["WEB_CONCURRENCY"] = str(workers)
-    log_path = Path(env["TEST_LOG_DIR"]) / f"gunicorn-{port}.log"
-    with open(log_path, "w+b") as log:
-        proc = subprocess.Popen(
+
+    def __init__(self, env: dict[str, str], *, workers: int = 4, port: int | None = None) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RM_", "DATABASE_URL", "OPS_"))}
+        self.env.update(env)
+        self.env["PYTHONPATH"] = str(ROOT)
+        self.env["WEB_CONCURRENCY"] = str(workers)
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(env["TEST_LOG_DIR"]) / f"gunicorn-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Gunicorn":
+        """Start the master and wait until it answers."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "receiver:create_app()", "-c", str(ROOT / "gunicorn.conf.py"),
-             "--bind", f"127.0.0.1:{port}"],
-            cwd=str(cwd or log_path.parent),
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+             "--bind", f"127.0.0.1:{self.port}"],
+            cwd=str(self.log_path.parent), env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_http(base + "/healthz", proc=proc)
-            yield base
-        except BaseException:
-            log.seek(0)
-            sys.stderr.write(log.read().decode("utf-8", "replace")[-5000:])
-            raise
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+        log.close()
+        wait_http(self.base + "/healthz", proc=self.proc)
+        return self
+
+    def worker_pids(self) -> list[int]:
+        """The master's live children."""
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def kill_master(self) -> None:
+        """kill -9 the master, then wait for its orphaned workers to notice and exit (they hold the port)."""
+        assert self.proc is not None
+        orphans = self.worker_pids()
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in orphans):
+            time.sleep(0.05)
+        for pid in orphans:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        """SIGTERM the whole group; SIGKILL if it lingers."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def log_tail(self, chars: int = 5000) -> str:
+        """The end of the server's log, for failure messages."""
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+@contextmanager
+def gunicorn_server(env: dict[str, str], *, workers: int = 4) -> Iterator[str]:
+    """Run the real web process and yield its base URL."""
+    server = Gunicorn(env, workers=workers)
+    try:
+        server.start()
+        yield server.base
+    except BaseException:
+        sys.stderr.write(server.log_tail())
+        raise
+    finally:
+        server.stop()
 
 
 class TcpProxy:

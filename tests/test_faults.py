@@ -1,0 +1,154 @@
+"""Faults under load: workers and the master killed with SIGKILL, the database taken away mid-burst."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sqlite3
+import threading
+import time
+
+import pytest
+import requests
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+
+from receiver.db import make_engine, make_session_factory
+from receiver.fake_rm import CallbackPlan
+from receiver.models import Voucher, VoucherEvent, WebhookDelivery
+from receiver.snapshot import parse_rm_time, snapshot_from_item
+from tests.support import CALLBACK_PATH, Gunicorn, TcpProxy, callback_body, fresh_settings_env, voucher_item
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sigkill_workers_and_master_under_load_loses_nothing(settings_env, db, fake_rm) -> None:  # noqa: ANN001
+    """Every callback that got a 200 is stored; the rest come back with RM's retries and apply exactly once."""
+    codes = fake_rm.create_vouchers(120, prefix="K")
+    changes = fake_rm.live(codes)
+    plan = CallbackPlan(attempts=5, interval=1.0)
+    server = Gunicorn(settings_env, workers=3).start()
+    statuses: list[int | None] = []
+    sender = threading.Thread(
+        target=lambda: statuses.extend(fake_rm.deliver(server.base + CALLBACK_PATH, changes, plan, workers=8))
+    )
+    try:
+        sender.start()
+        rnd = random.Random(5)
+        for _ in range(3):
+            time.sleep(0.4)
+            pids = server.worker_pids()
+            if pids:
+                import os
+                import signal
+
+                os.kill(rnd.choice(pids), signal.SIGKILL)
+        time.sleep(0.4)
+        server.kill_master()
+        server.start()  # same port: RM's retries find it again
+        sender.join(timeout=180)
+    finally:
+        server.stop()
+    assert not sender.is_alive()
+    assert statuses == [200] * len(changes), f"{statuses.count(200)} of {len(changes)} got a 200"
+    assert fake_rm.callbacks_sent > len(changes), "some callbacks must have needed a retry"
+
+    with db() as s:
+        ours = {v.code: (v.status, v.rm_updated_ns) for v in s.scalars(select(Voucher))}
+        events = s.scalars(select(VoucherEvent)).all()
+    rm = {c: (fake_rm.vouchers[c]["status"], parse_rm_time(fake_rm.vouchers[c]["updatedAt"]).ns) for c in codes}
+    assert {c: ours[c] for c in rm if c in ours} == {c: v for c, v in rm.items() if c in ours}
+    expected = sorted(snapshot_from_item(c).fingerprint for c in changes)
+    assert sorted(e.snapshot_sha256 for e in events) == expected, "each snapshot recorded exactly once"
+
+
+def _burst(base: str, signer, stop: threading.Event, results: list, prefix: str) -> None:  # noqa: ANN001
+    i = 0
+    while not stop.is_set():
+        body = callback_body(voucher_item(f"{prefix}{threading.get_ident() % 1000}-{i}", "ISSUE"))
+        i += 1
+        started = time.monotonic()
+        try:
+            status = requests.post(base + CALLBACK_PATH, data=body, headers=signer.headers(body), timeout=30).status_code
+        except requests.RequestException:
+            status = None
+        results.append((hashlib.sha256(body).hexdigest(), status, started))
+
+
+def _run_burst(base: str, signer, outage_start, outage_end, prefix: str) -> list:  # noqa: ANN001
+    stop = threading.Event()
+    results: list = []
+    threads = [threading.Thread(target=_burst, args=(base, signer, stop, results, prefix)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    outage_start()
+    cut_at = time.monotonic()
+    time.sleep(2.0)
+    outage_end()
+    restored_at = time.monotonic()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    return results, cut_at, restored_at
+
+
+def _assert_no_200_without_commit(url: str, results: list, cut_at: float, restored_at: float) -> None:
+    assert {status for _, status, _ in results} <= {200, 503}, {status for _, status, _ in results}
+    # Times are when each request was sent.
+    during = [status for _, status, at in results if cut_at + 0.2 < at < restored_at - 0.2]
+    after = [status for _, status, at in results if at > restored_at + 0.5]
+    assert 503 in during, "the outage must be visible as 503"
+    assert after and set(after) == {200}, "full recovery without restarting the service"
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as s:
+            stored = set(s.scalars(select(WebhookDelivery.dedupe_key)))
+    finally:
+        engine.dispose()
+    answered_ok = {sha for sha, status, _ in results if status == 200}
+    assert answered_ok <= stored, f"{len(answered_ok - stored)} callbacks got a 200 but are not in the database"
+
+
+@pytest.mark.postgres
+def test_postgres_outage_mid_burst_only_503_and_recovers(postgres_admin_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
+    from tests.conftest import create_postgres_database, drop_postgres_database
+    from tests.support import migrate
+
+    url = create_postgres_database(postgres_admin_url)
+    proxy = None
+    server = None
+    try:
+        migrate(url)
+        parsed = make_url(url)
+        proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+        via_proxy = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        server = Gunicorn(fresh_settings_env(via_proxy, vectors, tmp_path), workers=3).start()
+        results, cut_at, restored_at = _run_burst(server.base, rm_signer, proxy.cut, proxy.restore, "PGB")
+        _assert_no_200_without_commit(url, results, cut_at, restored_at)
+    finally:
+        if server is not None:
+            server.stop()
+        if proxy is not None:
+            proxy.close()
+        drop_postgres_database(postgres_admin_url, url)
+
+
+def test_sqlite_locked_mid_burst_only_503_and_recovers(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
+    from tests.support import migrate
+
+    path = tmp_path / "receiver.db"
+    url = f"sqlite:///{path}"
+    migrate(url)
+    server = Gunicorn(fresh_settings_env(url, vectors, tmp_path, SQLITE_BUSY_TIMEOUT_SECONDS="0.5"), workers=3).start()
+    blocker = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        results, cut_at, restored_at = _run_burst(
+            server.base, rm_signer, lambda: blocker.execute("BEGIN EXCLUSIVE"), lambda: blocker.execute("ROLLBACK"),
+            "SQB",
+        )
+    finally:
+        blocker.close()
+        server.stop()
+    _assert_no_200_without_commit(url, results, cut_at, restored_at)
