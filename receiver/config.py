@@ -49,6 +49,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     delivery_retention_days: int = 90
+    rejected_deliveries_per_minute: int = 120
 
     def secret_values(self) -> list[str]:
         """Values that must never appear in a log line."""
@@ -217,4 +218,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         log_format=log_format,
         delivery_retention_days=_int(env, "DELIVERY_RETENTION_DAYS", 90, minimum=1),
+        rejected_deliveries_per_minute=_int(env, "REJECTED_DELIVERIES_PER_MINUTE", 120, minimum=0),
     )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -17,8 +20,10 @@ from .snapshot import VoucherSnapshot
 from .state_machine import Outcome
 
 MAX_BODY_BYTES = 64 * 1024
-# What a rejected delivery keeps of an oversized body: enough to see what it was.
+# What a rejected delivery keeps of its body: enough to see what it was, bounded so that
+# forged traffic cannot fill the disk at 64 KiB a request.
 TRUNCATED_BODY_BYTES = 4 * 1024
+REJECTED_BODY_BYTES = 8 * 1024
 _HEADER_VALUE_LIMIT = 512
 STORED_HEADERS = (
     "Content-Type",
@@ -30,6 +35,36 @@ STORED_HEADERS = (
     "X-Forwarded-For",
     "X-Request-Id",
 )
+
+
+class RejectionLimiter:
+    """Per-source token buckets deciding which rejected deliveries are stored (this process only).
+
+    Genuine callbacks are never limited; rejected ones beyond ``per_minute`` from one address are
+    answered as usual but not written, so forged floods cost neither disk nor database time.
+    """
+
+    def __init__(self, per_minute: int, max_sources: int = 10_000) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(max(1, min(per_minute, 60)))
+        self.max_sources = max_sources
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, source: str | None) -> bool:
+        """Take one token for ``source``; False when its bucket is empty."""
+        if self.rate <= 0:
+            return False
+        key = source or "-"
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            allowed = tokens >= 1
+            self._buckets[key] = (tokens - 1 if allowed else tokens, now)
+            while len(self._buckets) > self.max_sources:
+                self._buckets.popitem(last=False)
+            return allowed
 
 
 class NonceReused(Exception):
@@ -121,7 +156,7 @@ def record_rejection(
     voucher_code: str | None = None,
 ) -> int:
     """Store a rejected delivery (bounded) with why it was rejected; return its id."""
-    limit = TRUNCATED_BODY_BYTES if http_status == 413 else MAX_BODY_BYTES
+    limit = TRUNCATED_BODY_BYTES if http_status == 413 else REJECTED_BODY_BYTES
     delivery = _new_delivery(
         incoming,
         outcome=outcome.value,

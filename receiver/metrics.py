@@ -38,6 +38,10 @@ REQUEST_SECONDS = Histogram(
 APPLY_OUTCOMES = Counter(
     "rmvs_apply_outcomes_total", "Committed results of applying voucher snapshots.", ["source", "outcome"]
 )
+REJECTIONS_NOT_STORED = Counter(
+    "rmvs_rejected_callbacks_not_stored_total",
+    "Rejected callbacks answered but not stored: over REJECTED_DELIVERIES_PER_MINUTE from one address.",
+)
 RM_API_CALLS = Counter("rmvs_rm_api_calls_total", "Calls to RM's API, by endpoint and result.", ["endpoint", "result"])
 
 _PENDING = "rmvs_apply_outcomes"

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
 from .db import make_engine, make_session_factory
+from .deliveries import RejectionLimiter
 from .signature import load_public_key
 
 EXTENSION_KEY = "rm_voucher_sync"
@@ -25,6 +26,7 @@ class Runtime:
     engine: Engine
     sessions: sessionmaker[Session]
     server_public_key: rsa.RSAPublicKey | None
+    rejection_limiter: RejectionLimiter
     _client: object = field(default=None, repr=False)
     _client_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -47,7 +49,13 @@ class Runtime:
             pool_size=settings.db_pool_size,
         )
         key = load_public_key(settings.rm_server_public_key_pem) if settings.rm_server_public_key_pem else None
-        return cls(settings=settings, engine=engine, sessions=make_session_factory(engine), server_public_key=key)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=make_session_factory(engine),
+            server_public_key=key,
+            rejection_limiter=RejectionLimiter(settings.rejected_deliveries_per_minute),
+        )
 
 
 def current_runtime() -> Runtime:

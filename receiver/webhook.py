@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from . import deliveries
 from .deliveries import MAX_BODY_BYTES, TRUNCATED_BODY_BYTES, IncomingCallback, NonceReused
-from .metrics import CALLBACKS
+from .metrics import CALLBACKS, REJECTIONS_NOT_STORED
 from .models import DeliveryOutcome
 from .runtime import current_runtime
 from .signature import SignatureError, verify_signed
@@ -49,6 +49,10 @@ def _reject(
     voucher_code: str | None = None,
 ) -> tuple[Response, int]:
     runtime = current_runtime()
+    CALLBACKS.labels(outcome.value).inc()
+    if not runtime.rejection_limiter.allow(incoming.remote_addr):
+        REJECTIONS_NOT_STORED.inc()
+        return jsonify(payload), http_status
     try:
         with runtime.sessions.begin() as session:
             delivery_id = deliveries.record_rejection(
@@ -57,7 +61,6 @@ def _reject(
         log.info("callback rejected %s delivery=%s: %s", http_status, delivery_id, error, extra={"delivery_id": delivery_id})
     except Exception:  # noqa: BLE001 - the answer to a bad request must not depend on the log write
         log.exception("could not record a rejected callback (%s)", outcome.value)
-    CALLBACKS.labels(outcome.value).inc()
     return jsonify(payload), http_status
 
 

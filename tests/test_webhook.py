@@ -292,3 +292,35 @@ def test_insecure_mode_accepts_unsigned_only_when_explicit(migrated_url, tmp_pat
         assert r.status_code == 200
     finally:
         app.extensions["rm_voucher_sync"].engine.dispose()
+
+
+def test_rejected_deliveries_are_stored_bounded_and_rate_limited_per_source(settings_env, rm_signer) -> None:  # noqa: ANN001
+    from receiver import create_app
+    from receiver.config import load_settings
+
+    app = create_app(load_settings({**settings_env, "REJECTED_DELIVERIES_PER_MINUTE": "5"}))
+    db = app.extensions["rm_voucher_sync"].sessions
+    try:
+        client = app.test_client()
+        forged = callback_body(voucher_item("FLOOD", "VOID", label="x" * 20_000))
+        answers = [
+            client.post(CALLBACK_PATH, data=forged, headers={"Content-Type": "application/json"},
+                        environ_base={"REMOTE_ADDR": "203.0.113.9"}).status_code
+            for _ in range(12)
+        ]
+        other_source = client.post(CALLBACK_PATH, data=forged, headers={"Content-Type": "application/json"},
+                                   environ_base={"REMOTE_ADDR": "198.51.100.7"})
+        good = callback_body(voucher_item("GENUINE", "ISSUE"))
+        genuine = client.post(CALLBACK_PATH, data=good, headers=rm_signer.headers(good),
+                              environ_base={"REMOTE_ADDR": "203.0.113.9"})
+        with db() as s:
+            rows = s.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)).all()
+    finally:
+        app.extensions["rm_voucher_sync"].engine.dispose()
+    assert answers == [401] * 12 and other_source.status_code == 401
+    assert genuine.get_json() == {"status": "accepted"}, "genuine callbacks are never limited"
+    by_source = [(r.remote_addr, r.outcome) for r in rows]
+    assert by_source.count(("203.0.113.9", "rejected_signature")) == 5
+    assert by_source.count(("198.51.100.7", "rejected_signature")) == 1
+    assert ("203.0.113.9", "accepted") in by_source
+    assert all(len(r.body.encode()) <= 8 * 1024 and r.body_truncated for r in rows if r.outcome != "accepted")
