@@ -9,8 +9,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -128,22 +129,45 @@ def _bounded_body(body: bytes, limit: int) -> tuple[str, bool]:
     return body[:limit].decode("utf-8", errors="replace"), len(body) > limit
 
 
-def _new_delivery(incoming: IncomingCallback, **values) -> WebhookDelivery:  # noqa: ANN003
-    limit = values.pop("body_limit", MAX_BODY_BYTES)
-    body, truncated = _bounded_body(incoming.body, limit)
-    return WebhookDelivery(
-        received_at=incoming.received_at,
-        last_received_at=incoming.received_at,
-        body_sha256=incoming.body_sha256,
-        attempts=1,
-        nonce=incoming.nonce,
-        remote_addr=(incoming.remote_addr or "")[:64] or None,
-        content_type=(incoming.content_type or "")[:255] or None,
-        headers=json.dumps(incoming.headers, sort_keys=True),
-        body=body,
-        body_truncated=truncated or not incoming.complete,
+def _delivery_values(incoming: IncomingCallback, *, body_limit: int = MAX_BODY_BYTES, **values: Any) -> dict[str, Any]:
+    body, truncated = _bounded_body(incoming.body, body_limit)
+    return {
+        "received_at": incoming.received_at,
+        "last_received_at": incoming.received_at,
+        "body_sha256": incoming.body_sha256,
+        "attempts": 1,
+        "nonce": incoming.nonce,
+        "remote_addr": (incoming.remote_addr or "")[:64] or None,
+        "content_type": (incoming.content_type or "")[:255] or None,
+        "headers": json.dumps(incoming.headers, sort_keys=True),
+        "body": body,
+        "body_truncated": truncated or not incoming.complete,
+        "dedupe_key": None,
+        "voucher_code": None,
+        "signature_verified": False,
+        "error": None,
         **values,
-    )
+    }
+
+
+# Every callback runs these; built once so SQLAlchemy compiles them once (see apply.py).
+_D = WebhookDelivery.__table__
+_INSERT = insert(_D).returning(_D.c.id)
+_PRIOR = (
+    select(_D.c.id, _D.c.outcome, _D.c.dedupe_key, _D.c.body_sha256, _D.c.nonce)
+    .where(or_(_D.c.dedupe_key == bindparam("sha"), and_(_D.c.nonce == bindparam("nonce"), _D.c.signature_verified)))
+    .limit(10)
+    .with_for_update()
+)
+_BUMP = (
+    update(_D)
+    .where(_D.c.id == bindparam("b_id"))
+    .values(attempts=_D.c.attempts + 1, last_received_at=bindparam("b_now"))
+    .returning(_D.c.attempts)
+)
+_SET_OUTCOME = (
+    update(_D).where(_D.c.id == bindparam("b_id")).values(outcome=bindparam("b_outcome"), http_status=200, error=None)
+)
 
 
 def record_rejection(
@@ -156,76 +180,50 @@ def record_rejection(
     voucher_code: str | None = None,
 ) -> int:
     """Store a rejected delivery (bounded) with why it was rejected; return its id."""
-    limit = TRUNCATED_BODY_BYTES if http_status == 413 else REJECTED_BODY_BYTES
-    delivery = _new_delivery(
+    values = _delivery_values(
         incoming,
+        body_limit=TRUNCATED_BODY_BYTES if http_status == 413 else REJECTED_BODY_BYTES,
         outcome=outcome.value,
         http_status=http_status,
         voucher_code=voucher_code,
-        signature_verified=False,
         error=error[:2000],
-        body_limit=limit,
     )
-    session.add(delivery)
-    session.flush()
-    return delivery.id
-
-
-def _find_prior(session: Session, incoming: IncomingCallback) -> tuple[WebhookDelivery | None, bool]:
-    """The earlier delivery of these exact bytes, and whether the nonce was used for other bytes."""
-    sha = incoming.body_sha256
-    clauses = [WebhookDelivery.dedupe_key == sha]
-    if incoming.nonce:
-        clauses.append(and_(WebhookDelivery.nonce == incoming.nonce, WebhookDelivery.signature_verified.is_(True)))
-    rows = session.scalars(select(WebhookDelivery).where(or_(*clauses)).limit(10).with_for_update()).all()
-    same = next((row for row in rows if row.dedupe_key == sha), None)
-    reused = any(row.body_sha256 != sha for row in rows if row.nonce == incoming.nonce)
-    return same, reused
+    return session.execute(_INSERT, values).scalar_one()
 
 
 def accept_verified(session: Session, incoming: IncomingCallback, snapshot: VoucherSnapshot) -> CallbackResult:
     """Record a signature-verified delivery and apply its snapshot, in the caller's transaction.
 
     A redelivery of the same bytes bumps ``attempts`` and has no new effect, unless the earlier
-    attempt failed on our side, in which case it is applied now.
+    attempt failed on our side, in which case it is applied now. One query finds both an earlier
+    delivery of these bytes and a signed nonce reused for other bytes.
     """
-    prior, nonce_reused = _find_prior(session, incoming)
-    if nonce_reused:
+    sha = incoming.body_sha256
+    rows = session.execute(_PRIOR, {"sha": sha, "nonce": incoming.nonce}).all()
+    if any(row.nonce == incoming.nonce and row.body_sha256 != sha for row in rows):
         raise NonceReused("X-Nonce-Str was already used with a different body")
-    if prior is not None and prior.outcome != DeliveryOutcome.ERROR.value:
-        prior.attempts += 1
-        prior.last_received_at = incoming.received_at
-        return CallbackResult(DeliveryOutcome.DUPLICATE, prior.id, prior.attempts)
-
-    if prior is None:
-        delivery = _new_delivery(
+    prior = next((row for row in rows if row.dedupe_key == sha), None)
+    if prior is not None:
+        attempts = session.execute(_BUMP, {"b_id": prior.id, "b_now": incoming.received_at}).scalar_one()
+        if prior.outcome != DeliveryOutcome.ERROR.value:
+            return CallbackResult(DeliveryOutcome.DUPLICATE, prior.id, attempts)
+        delivery_id = prior.id
+    else:
+        values = _delivery_values(
             incoming,
-            dedupe_key=incoming.body_sha256,
+            dedupe_key=sha,
             outcome=DeliveryOutcome.ACCEPTED.value,
             http_status=200,
             voucher_code=snapshot.code,
             signature_verified=True,
         )
-        session.add(delivery)
-        session.flush()
-    else:
-        delivery = prior
-        delivery.attempts += 1
-        delivery.last_received_at = incoming.received_at
+        delivery_id, attempts = session.execute(_INSERT, values).scalar_one(), 1
 
-    return _apply_delivery(session, delivery, snapshot, incoming.received_at)
-
-
-def _apply_delivery(
-    session: Session, delivery: WebhookDelivery, snapshot: VoucherSnapshot, now: datetime
-) -> CallbackResult:
-    """Apply a verified delivery's snapshot and set the delivery's outcome from what happened."""
-    result = apply_snapshot(session, snapshot, source=Source.CALLBACK, delivery_id=delivery.id, now=now)
+    result = apply_snapshot(session, snapshot, source=Source.CALLBACK, delivery_id=delivery_id, now=incoming.received_at)
     status = _STATUS_FOR_OUTCOME[result.outcome]
-    delivery.outcome = status.value
-    delivery.http_status = 200
-    delivery.error = None
-    return CallbackResult(status, delivery.id, delivery.attempts, result)
+    if prior is not None or status is not DeliveryOutcome.ACCEPTED:
+        session.execute(_SET_OUTCOME, {"b_id": delivery_id, "b_outcome": status.value})
+    return CallbackResult(status, delivery_id, attempts, result)
 
 
 class NotReplayable(Exception):
@@ -252,7 +250,10 @@ def replay(session: Session, delivery_id: int, now: datetime | None = None) -> C
         snapshot = snapshot_from_item(voucher_item_from_envelope(json.loads(delivery.body)))
     except (ValueError, SnapshotError) as exc:
         raise NotReplayable(f"delivery {delivery_id} body is not a voucher callback: {exc}") from None
-    return _apply_delivery(session, delivery, snapshot, now)
+    result = apply_snapshot(session, snapshot, source=Source.CALLBACK, delivery_id=delivery.id, now=now)
+    status = _STATUS_FOR_OUTCOME[result.outcome]
+    delivery.outcome, delivery.http_status, delivery.error = status.value, 200, None
+    return CallbackResult(status, delivery.id, delivery.attempts, result)
 
 
 def failed_delivery_ids(session: Session) -> list[int]:
@@ -305,7 +306,7 @@ def record_failure(
                 )
             )
             return prior.id
-        delivery = _new_delivery(
+        values = _delivery_values(
             incoming,
             dedupe_key=incoming.body_sha256,
             outcome=DeliveryOutcome.ERROR.value,
@@ -314,6 +315,4 @@ def record_failure(
             signature_verified=True,
             error=error[:2000],
         )
-        session.add(delivery)
-        session.flush()
-        return delivery.id
+        return session.execute(_INSERT, values).scalar_one()
