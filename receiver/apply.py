@@ -62,7 +62,7 @@ _APPLIED_COLUMNS = [
 # FOR UPDATE on PostgreSQL serialises deliveries for one code; on SQLite the transaction already
 # holds the write lock (BEGIN IMMEDIATE), and the clause compiles to nothing.
 _LOCK = (
-    select(_V.c.id, _V.c.status, _V.c.rm_updated_ns, _V.c.snapshot_sha256, _V.c.rm_missing_at)
+    select(_V.c.id, _V.c.status, _V.c.rm_updated_ns, _V.c.snapshot_sha256, _V.c.needs_reconcile)
     .where(_V.c.code == bindparam("code"))
     .with_for_update()
 )
@@ -156,7 +156,9 @@ def _apply(
             "last_source": source.value,
             "last_changed_at": now,
             "last_confirmed_at": now,
-            "needs_reconcile": False,
+            # Only RM's answer to our own question clears the flag: a callback applied after an
+            # illegal one may still be older than it, and the voucher must not settle unchecked.
+            "needs_reconcile": bool(row.needs_reconcile) and not authoritative,
             "rm_missing_at": None,
         }
         session.execute(_APPLY, {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}})

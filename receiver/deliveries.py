@@ -126,7 +126,8 @@ _STATUS_FOR_OUTCOME = {
 
 
 def _bounded_body(body: bytes, limit: int) -> tuple[str, bool]:
-    return body[:limit].decode("utf-8", errors="replace"), len(body) > limit
+    # NUL cannot be stored in PostgreSQL text; a body that has one was not a real callback anyway.
+    return body[:limit].decode("utf-8", errors="replace").replace("\x00", "\ufffd"), len(body) > limit
 
 
 def _delivery_values(incoming: IncomingCallback, *, body_limit: int = MAX_BODY_BYTES, **values: Any) -> dict[str, Any]:

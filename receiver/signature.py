@@ -234,7 +234,7 @@ def verify_signed(
         raw_sig = base64.b64decode(signature[len(SIGNATURE_PREFIX):].strip(), validate=True)
     except ValueError:
         raise SignatureError("X-Signature is not base64") from None
-    if not timestamp.isdigit() or len(timestamp) > 12:
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
         raise SignatureError("X-Timestamp is not unix seconds")
     if max_age_seconds > 0:
         skew = abs((time.time() if now is None else now) - int(timestamp))

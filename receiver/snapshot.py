@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -13,8 +14,11 @@ from .state_machine import normalise_status
 
 _ZERO_TIME_PREFIX = "0001-01-01"
 _TIME_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:?\d{2})?$"
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:?\d{2})?$", re.ASCII
 )
+# Integer columns: BIGINT for money, INTEGER for small counts (PostgreSQL enforces both).
+_BIGINT = 2**63 - 1
+_INT = 2**31 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -43,16 +47,17 @@ def parse_rm_time(value: Any, field_name: str = "time") -> RMTime | None:
         raise SnapshotError(f"{field_name} is not an RFC 3339 time: {value[:40]!r}")
     year, month, day, hour, minute, second, frac, offset = m.groups()
     frac9 = (frac or "").ljust(9, "0")
-    tz = timezone.utc
-    if offset and offset not in ("Z", "z"):
-        sign = -1 if offset[0] == "-" else 1
-        digits = offset[1:].replace(":", "")
-        tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
     try:
+        tz = timezone.utc
+        if offset and offset not in ("Z", "z"):
+            sign = -1 if offset[0] == "-" else 1
+            digits = offset[1:].replace(":", "")
+            tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
         local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tz)
-    except ValueError as exc:
+        utc = local.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as exc:
+        # Out-of-range fields, offsets beyond 24 h, or a time that leaves the calendar in UTC.
         raise SnapshotError(f"{field_name} is not a valid time: {value[:40]!r}") from exc
-    utc = local.astimezone(timezone.utc)
     whole = utc - _EPOCH
     ns = (whole.days * 86400 + whole.seconds) * 1_000_000_000 + int(frac9)
     return RMTime(at=utc.replace(microsecond=int(frac9[:6])), ns=ns)
@@ -64,20 +69,27 @@ def _opt_str(item: Mapping[str, Any], key: str, limit: int = 255) -> str | None:
         return None
     if not isinstance(value, str):
         value = json.dumps(value, sort_keys=True, ensure_ascii=False)
-    return value[:limit]
+    # PostgreSQL text cannot hold NUL; keep the rest of the text (the raw JSON keeps it escaped).
+    return value.replace("\x00", "\ufffd")[:limit]
 
 
-def _opt_int(item: Mapping[str, Any], key: str) -> int | None:
+def _opt_int(item: Mapping[str, Any], key: str, bound: int = _BIGINT) -> int | None:
     value = item.get(key)
     if value is None or value == "":
         return None
     if isinstance(value, bool):
         raise SnapshotError(f"{key} must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SnapshotError(f"{key} must be a finite number")
     if isinstance(value, (int, float)):
-        return int(value)
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)
-    raise SnapshotError(f"{key} must be a number")
+        number = int(value)
+    elif isinstance(value, str) and value.isascii() and value.lstrip("-").isdigit():
+        number = int(value)
+    else:
+        raise SnapshotError(f"{key} must be a number")
+    if not -bound - 1 <= number <= bound:
+        raise SnapshotError(f"{key} is out of range")
+    return number
 
 
 def _opt_bool(item: Mapping[str, Any], key: str) -> bool | None:
@@ -128,11 +140,15 @@ def snapshot_from_item(item: Any) -> VoucherSnapshot:
         raise SnapshotError("voucher object has no code")
     if len(code) > 128:
         raise SnapshotError("voucher code is longer than 128 characters")
+    if not code.isprintable():
+        raise SnapshotError("voucher code contains control characters")
     raw_status = item.get("status")
     if not isinstance(raw_status, str) or not raw_status.strip():
         raise SnapshotError("voucher object has no status")
-    if len(raw_status) > 32:
-        raise SnapshotError("voucher status is longer than 32 characters")
+    status = normalise_status(raw_status)
+    # Checked after upper-casing: "ß" becomes "SS".
+    if len(status) > 32 or not status.isprintable():
+        raise SnapshotError("voucher status is longer than 32 characters or not printable")
     expiry = item.get("expiry")
     if expiry is not None and not isinstance(expiry, Mapping):
         raise SnapshotError("expiry must be an object")
@@ -150,7 +166,7 @@ def snapshot_from_item(item: Any) -> VoucherSnapshot:
         "label": _opt_str(item, "label", 500),
         "voucher_type": _opt_str(item, "type", 32),
         "amount": _opt_int(item, "amount"),
-        "discount_rate": _opt_int(item, "discountRate"),
+        "discount_rate": _opt_int(item, "discountRate", _INT),
         "minimum_spend_amount": _opt_int(item, "minimumSpendAmount"),
         "origin": _opt_str(item, "origin", 32),
         "image_url": _opt_str(item, "imageUrl", 1000),
@@ -162,7 +178,7 @@ def snapshot_from_item(item: Any) -> VoucherSnapshot:
         "is_market_place": _opt_bool(item, "isMarketPlace"),
         "voucher_combo_key": _opt_str(item, "voucherComboKey"),
         "expiry_type": _opt_str(expiry, "type", 32),
-        "expiry_day": _opt_int(expiry, "day"),
+        "expiry_day": _opt_int(expiry, "day", _INT),
         "expires_at": expires.at if expires else None,
         "assigned_at": t("assignedAt"),
         "redeemed_at": t("redeemedAt"),
@@ -170,12 +186,16 @@ def snapshot_from_item(item: Any) -> VoucherSnapshot:
         "rm_created_at": t("createdAt"),
     }
     raw = json.dumps(item, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    try:
+        fingerprint = hashlib.sha256(raw.encode("utf-8")).hexdigest()
+    except UnicodeEncodeError:
+        raise SnapshotError("voucher object contains invalid unicode (a lone surrogate)") from None
     return VoucherSnapshot(
         code=code.strip(),
-        status=normalise_status(raw_status),
+        status=status,
         raw_status=raw_status,
         updated=parse_rm_time(item.get("updatedAt"), "updatedAt"),
-        fingerprint=hashlib.sha256(raw.encode("utf-8")).hexdigest(),
+        fingerprint=fingerprint,
         raw=raw,
         fields=fields,
     )

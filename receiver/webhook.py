@@ -32,9 +32,15 @@ def _is_json(mimetype: str) -> bool:
     return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _parse(body: bytes) -> VoucherSnapshot:
     try:
-        document = json.loads(body.decode("utf-8"))
+        document = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise SnapshotError("body is nested too deeply") from None
     except (UnicodeDecodeError, ValueError):
         raise SnapshotError("body is not UTF-8 JSON") from None
     return snapshot_from_item(voucher_item_from_envelope(document))
@@ -92,6 +98,11 @@ def voucher_callback() -> tuple[Response, int]:
         return _reject(
             incoming, 400, DeliveryOutcome.REJECTED_MALFORMED, str(exc), {"error": "malformed", "detail": str(exc)}
         )
+    except Exception as exc:  # noqa: BLE001 - input our parser did not foresee is still the sender's fault
+        log.exception("unexpected error parsing a callback body")
+        detail = "body could not be parsed as an RM voucher callback"
+        return _reject(incoming, 400, DeliveryOutcome.REJECTED_MALFORMED, f"{detail}: {type(exc).__name__}",
+                       {"error": "malformed", "detail": detail})
 
     if runtime.server_public_key is not None:
         try:
@@ -108,6 +119,12 @@ def voucher_callback() -> tuple[Response, int]:
             return _reject(
                 incoming, 401, DeliveryOutcome.REJECTED_SIGNATURE, str(exc), {"error": "invalid_signature"},
                 voucher_code=snapshot.code,
+            )
+        except Exception as exc:  # noqa: BLE001 - whatever breaks verification, the callback is not proven
+            log.exception("unexpected error verifying a callback signature")
+            return _reject(
+                incoming, 401, DeliveryOutcome.REJECTED_SIGNATURE, f"verification failed: {type(exc).__name__}",
+                {"error": "invalid_signature"}, voucher_code=snapshot.code,
             )
 
     try:

@@ -107,12 +107,13 @@ def histories_and_deliveries(draw) -> tuple[list[Step], list[int]]:  # noqa: ANN
     """A history, and which of its snapshots arrive as callbacks, in what order (indices into it).
 
     Any list of indices: any interleaving, duplicates, loss of any subset (the newest included),
-    and nothing delivered at all.
+    and, one time in ten, nothing delivered at all.
     """
     steps = draw(rm_histories())
     n = len(steps)
-    deliveries = draw(st.lists(st.integers(0, n - 1), max_size=2 * n + 2))
-    return steps, deliveries
+    if draw(st.sampled_from([False] * 9 + [True])):
+        return steps, []  # every callback lost
+    return steps, draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=2 * n + 2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,7 +254,9 @@ def test_callbacks_then_one_reconcile_converge_to_rm(db, case) -> None:  # noqa:
 
     # Event invariants.
     with db() as s:
-        events = list(s.scalars(select(VoucherEvent).where(VoucherEvent.voucher_code == code).order_by(VoucherEvent.id)))
+        events = list(
+            s.scalars(select(VoucherEvent).where(VoucherEvent.voucher_code == code).order_by(VoucherEvent.id))
+        )
     pairs = [(e.snapshot_sha256, e.outcome) for e in events]
     assert len(pairs) == len(set(pairs)), "two events with the same (snapshot, outcome)"
     assert all(e.snapshot_sha256 in by_sha for e in events)
@@ -295,7 +298,7 @@ def observed_sets(draw) -> list[Observed]:  # noqa: ANN001
     return list(unique.values())
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(data=st.data())
 def test_state_machine_max_wins_after_one_authoritative_decision(data) -> None:  # noqa: ANN001
     snapshots = data.draw(observed_sets(), label="snapshots")
