@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 from datetime import datetime, timezone
+from typing import Callable
 
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -28,7 +29,12 @@ def lease_ttl(interval_seconds: int) -> float:
 
 
 def run_reconcile_under_lease(
-    runtime: Runtime, client: RMClient, *, trigger: str, stopping: threading.Event | None = None
+    runtime: Runtime,
+    client: RMClient,
+    *,
+    trigger: str,
+    stopping: threading.Event | None = None,
+    on_progress: Callable[[ReconcileSummary], None] | None = None,
 ) -> ReconcileSummary | None:
     """Run one due-voucher pass if no other process is; None when another holds the lease."""
     stopping = stopping or threading.Event()
@@ -46,6 +52,7 @@ def run_reconcile_under_lease(
             should_stop=lambda: (
                 "the lease was lost" if lease.lost.is_set() else "shutting down" if stopping.is_set() else None
             ),
+            on_progress=on_progress,
         )
 
 
