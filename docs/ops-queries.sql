@@ -381,3 +381,99 @@ SELECT l.name,
        END AS state
 FROM scheduler_leases l
 ORDER BY l.name ASC;
+
+
+-- name: stamps_redemptions_per_store_per_day
+-- Stamps.co.id redemptions per store per UTC day over the last 30 days: how many were made, how
+-- many of those have been canceled since, the stamps held by the ones that stand (a canceled
+-- redemption's stamps are not counted) and the voucher value they deducted (deduct_value).
+-- by_voucher_code redemptions report no stamps and count as 0.
+-- Adapt: replace month_ago_utc with week_ago_utc; add "AND r.store = 32" for one store; add
+-- "AND r.kind = 'promo_code'" for one kind. On PostgreSQL, SET TIME ZONE 'UTC' first.
+SELECT date(r.redeemed_at) AS redeemed_day,
+       r.store,
+       COUNT(*) AS redemptions,
+       SUM(CASE WHEN r.status = 'Canceled' THEN 1 ELSE 0 END) AS canceled,
+       SUM(CASE WHEN r.status = 'Created' THEN COALESCE(r.stamps_used, 0) ELSE 0 END) AS stamps_spent,
+       SUM(CASE WHEN r.status = 'Created' THEN COALESCE(r.value_deducted, 0) ELSE 0 END) AS value_deducted
+FROM stamps_redemptions r
+WHERE r.redeemed_at >= (SELECT month_ago_utc FROM ops_clock)
+GROUP BY date(r.redeemed_at), r.store
+ORDER BY redeemed_day DESC, r.store ASC;
+
+
+-- name: stamps_cancellations_last_month
+-- Stamps redemptions canceled in the last 30 days, most recent first: the Stamps redemption id,
+-- what it was, where and for whom, when it was made and canceled, the stamps it had used, the
+-- member's stamps right after the cancel (as Stamps reported them) and who canceled it (the
+-- actor of the cancel operation: cli:<login>, ops-api, or NULL when an operator recorded it with
+-- `stamps resolve` or it was recorded some other way).
+-- Adapt: replace month_ago_utc with week_ago_utc / day_ago_utc; add "AND r.store = 32".
+SELECT r.canceled_at,
+       r.stamps_id AS redemption_id,
+       r.kind,
+       r.store,
+       r.invoice_number,
+       r.user_identifier,
+       r.redeemed_at,
+       r.stamps_used,
+       e.membership_stamps AS member_stamps_after,
+       o.actor AS canceled_by
+FROM stamps_redemptions r
+JOIN stamps_redemption_events e ON e.redemption_id = r.id AND e.to_status = 'Canceled'
+LEFT JOIN stamps_operations o ON o.id = e.operation_id
+WHERE r.status = 'Canceled'
+  AND r.canceled_at >= (SELECT month_ago_utc FROM ops_clock)
+ORDER BY r.canceled_at DESC, r.id DESC;
+
+
+-- name: stamps_spent_per_member
+-- Stamps spent per member on redemptions made in the last 30 days, most first: redemptions that
+-- stand (Created) and their stamps, canceled ones and the stamps they had used, the last
+-- redemption, and the member's stamps as Stamps last reported them to us (after any redemption
+-- or cancel, however old). Members are grouped by the identifier the cashier used (an email and
+-- a Member ID of the same person are two rows).
+-- Adapt: replace month_ago_utc with week_ago_utc; add "AND r.store = 32" for one store.
+SELECT r.user_identifier AS member,
+       SUM(CASE WHEN r.status = 'Created' THEN 1 ELSE 0 END) AS redemptions,
+       SUM(CASE WHEN r.status = 'Created' THEN COALESCE(r.stamps_used, 0) ELSE 0 END) AS stamps_spent,
+       SUM(CASE WHEN r.status = 'Canceled' THEN 1 ELSE 0 END) AS canceled,
+       SUM(CASE WHEN r.status = 'Canceled' THEN COALESCE(r.stamps_used, 0) ELSE 0 END) AS stamps_canceled,
+       MAX(r.redeemed_at) AS last_redeemed_at,
+       (SELECT e.membership_stamps
+        FROM stamps_redemption_events e
+        JOIN stamps_redemptions m ON m.id = e.redemption_id
+        WHERE m.user_identifier = r.user_identifier
+          AND e.membership_stamps IS NOT NULL
+        ORDER BY e.recorded_at DESC, e.id DESC
+        LIMIT 1) AS last_known_stamps
+FROM stamps_redemptions r
+WHERE r.redeemed_at >= (SELECT month_ago_utc FROM ops_clock)
+GROUP BY r.user_identifier
+ORDER BY stamps_spent DESC, member ASC;
+
+
+-- name: stamps_operations_unresolved
+-- Stamps operations nobody has settled, oldest first: 'ambiguous' (Stamps' answer was lost after
+-- the request was sent, and Stamps offers no lookup, so it was not retried) and 'pending' (still
+-- waiting for Stamps, or the process died mid-call: one older than a few minutes is stuck). Each
+-- keeps its request id and its store + invoice until settled, so nothing is redeemed twice.
+-- Check the Stamps dashboard, then run
+--     flask --app receiver stamps resolve REQUEST_ID --redemption-id ID    (it is there)
+--     flask --app receiver stamps resolve REQUEST_ID --not-done            (it is not)
+-- Adapt: add "AND o.kind = 'cancel'" for one kind; add "AND o.store = 32" for one store.
+SELECT o.created_at,
+       o.request_id,
+       o.kind,
+       o.status,
+       o.store,
+       o.invoice_number,
+       o.user_identifier,
+       o.target,
+       o.actor,
+       o.http_status,
+       o.error_code,
+       o.decision
+FROM stamps_operations o
+WHERE o.status IN ('ambiguous', 'pending')
+ORDER BY o.created_at ASC, o.id ASC;

@@ -263,9 +263,208 @@ def deliveries_purge(older_than_days: int | None) -> None:
     click.echo(f"purged bodies of {purged} deliveries older than {days} days")
 
 
+@click.group("stamps", cls=AppGroup)
+def stamps_group() -> None:
+    """Stamps.co.id redemptions: run through Stamps and recorded in this database at once."""
+
+
+def _stamps(actor: str | None, *, offline: bool = False):  # noqa: ANN202
+    import getpass
+
+    from .stamps_client import StampsNotConfigured
+    from .stamps_ledger import StampsLedger, current_stamps_ledger
+
+    who = actor or f"cli:{getpass.getuser()}"
+    if offline:  # only the ledger is touched (resolve): no token needed
+        return StampsLedger(current_runtime().sessions, None, actor=who)
+    try:
+        return current_stamps_ledger(who)
+    except StampsNotConfigured as exc:
+        raise click.ClickException(f"Stamps is not configured: {exc.message}") from None
+
+
+def _stamps_report(run, ok: tuple[str, ...] = ("succeeded",)) -> None:  # noqa: ANN001
+    """Run a Stamps operation, print its result, field errors and redemptions; exit 1 unless it ended ``ok``."""
+    from .stamps_ledger import StampsConflict, StampsInputError
+
+    try:
+        outcome = run()
+    except StampsConflict as exc:
+        raise click.ClickException(str(exc)) from None
+    except StampsInputError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(outcome.line())
+    for name, message in outcome.errors.items():
+        click.echo(f"  {name}: {message}")
+    if outcome.pin_attempts_left is not None:
+        click.echo(f"  PIN attempts left: {outcome.pin_attempts_left}")
+    for r in outcome.redemptions:
+        used = "" if r["stamps_used"] is None else f", {r['stamps_used']} stamps used"
+        value = "" if r["value_deducted"] is None else f", {r['value_deducted']} deducted"
+        after = "" if r["membership_stamps_after"] is None or r["status"] != "Created" else \
+            f", member has {r['membership_stamps_after']} stamps"
+        click.echo(f"redemption {r['stamps_id']} ({r['kind']}, store {r['store']}): {r['status']}{used}{value}{after}")
+    customer = (outcome.response or {}).get("customer")
+    if outcome.kind == "cancel" and isinstance(customer, dict) and customer.get("stamps_remaining") is not None:
+        click.echo(f"member {customer.get('id')} has {customer['stamps_remaining']} stamps after the cancel")
+    if outcome.status not in ok:
+        sys.exit(1)
+
+
+def _stamps_options(invoice_required: bool = False):  # noqa: ANN202
+    """--user, --store, --invoice, --channel, --request-id, --actor."""
+
+    def decorate(command):  # noqa: ANN001, ANN202
+        for option in reversed((
+            click.option("--user", required=True, help="Member: email, Member ID (or phone / id for authorize)."),
+            click.option("--store", required=True, type=int, help="Stamps store id where the redemption happens."),
+            click.option("--invoice", required=invoice_required,
+                         help="POS invoice number: one store + invoice is never redeemed twice."),
+            click.option("--channel", type=int, help="Stamps channel number of the transaction."),
+            click.option("--request-id", help="Idempotency key, also sent to Stamps as request_id (the PIN-"
+                                              "authorised one): redeems at most once."),
+            _actor,
+        )):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@stamps_group.command("redeem-reward")
+@_stamps_options()
+@click.option("--reward", required=True, type=int, help="Reward id.")
+@click.option("--stamps", type=int, help="Stamps to use (flexible rewards).")
+@click.option("--qty", type=int, help="Quantity.")
+@click.option("--extra-data", help="JSON object stored with the redemption at Stamps.")
+def stamps_redeem_reward(user: str, store: int, invoice: str | None, channel: int | None, request_id: str | None,
+                         actor: str | None, reward: int, stamps: int | None, qty: int | None,
+                         extra_data: str | None) -> None:
+    """Redeem a reward for a member's stamps, and record it."""
+    _stamps_report(lambda: _stamps(actor).redeem_reward(
+        user=user, store=store, reward=reward, invoice_number=invoice, channel=channel, stamps=stamps, qty=qty,
+        extra_data=extra_data, request_id=request_id,
+    ))
+
+
+@stamps_group.command("redeem-voucher")
+@_stamps_options()
+@click.option("--voucher", required=True, type=int, help="Voucher id.")
+@click.option("--extra-data", help="JSON object stored with the redemption at Stamps.")
+def stamps_redeem_voucher(user: str, store: int, invoice: str | None, channel: int | None, request_id: str | None,
+                          actor: str | None, voucher: int, extra_data: str | None) -> None:
+    """Redeem a member's voucher, and record it."""
+    _stamps_report(lambda: _stamps(actor).redeem_voucher(
+        user=user, store=store, voucher=voucher, invoice_number=invoice, channel=channel, extra_data=extra_data,
+        request_id=request_id,
+    ))
+
+
+@stamps_group.command("deduct")
+@_stamps_options()
+@click.option("--voucher", required=True, type=int, help="Voucher id (a voucher with a dynamic value).")
+@click.option("--value", required=True, type=int, help="Value to deduct (whole units).")
+@click.option("--extra-data", help="JSON object stored with the redemption at Stamps.")
+def stamps_deduct(user: str, store: int, invoice: str | None, channel: int | None, request_id: str | None,
+                  actor: str | None, voucher: int, value: int, extra_data: str | None) -> None:
+    """Deduct a value from a member's dynamic-value voucher, and record it."""
+    _stamps_report(lambda: _stamps(actor).deduct(
+        user=user, store=store, voucher=voucher, value=value, invoice_number=invoice, channel=channel,
+        extra_data=extra_data, request_id=request_id,
+    ))
+
+
+@stamps_group.command("by-code")
+@_stamps_options()
+@click.option("--voucher-code", required=True, help="The voucher's code.")
+@click.option("--voucher-template", required=True, type=int, help="The voucher template id.")
+def stamps_by_code(user: str, store: int, invoice: str | None, channel: int | None, request_id: str | None,
+                   actor: str | None, voucher_code: str, voucher_template: int) -> None:
+    """Redeem a voucher by its code, and record it."""
+    _stamps_report(lambda: _stamps(actor).redeem_by_code(
+        user=user, store=store, voucher_code=voucher_code, voucher_template=voucher_template, invoice_number=invoice,
+        channel=channel, request_id=request_id,
+    ))
+
+
+@stamps_group.command("promo")
+@_stamps_options(invoice_required=True)
+@click.option("--promo-code", required=True, help="The promo code.")
+def stamps_promo(user: str, store: int, invoice: str, channel: int | None, request_id: str | None,
+                 actor: str | None, promo_code: str) -> None:
+    """Redeem a promo code on an invoice, and record it."""
+    _stamps_report(lambda: _stamps(actor).redeem_promo(
+        user=user, store=store, promo_code=promo_code, invoice_number=invoice, channel=channel, request_id=request_id,
+    ))
+
+
+def _parse_reward(spec: str) -> dict:
+    """CODE[,qty=N][,stamps=N][,request_id=R]"""
+    code, *rest = [part.strip() for part in spec.split(",")]
+    item: dict = {"code": int(code) if code.isdigit() else code}
+    for part in rest:
+        name, sep, value = part.partition("=")
+        if not sep or name not in ("qty", "stamps", "request_id"):
+            raise click.BadParameter(f"{spec!r}: want CODE[,qty=N][,stamps=N][,request_id=R]", param_hint="--reward")
+        item[name] = value if name == "request_id" else (int(value) if value.isdigit() else value)
+    return item
+
+
+@stamps_group.command("redeem-many")
+@_stamps_options()
+@click.option("--reward", "rewards", multiple=True, required=True,
+              help="CODE[,qty=N][,stamps=N][,request_id=R] (repeatable).")
+def stamps_redeem_many(user: str, store: int, invoice: str | None, channel: int | None, request_id: str | None,
+                       actor: str | None, rewards: tuple[str, ...]) -> None:
+    """Redeem several rewards in one call (Multiple Reward Redemption), and record them."""
+    items = [_parse_reward(spec) for spec in rewards]
+    _stamps_report(lambda: _stamps(actor).redeem_many(
+        user=user, store=store, rewards=items, invoice_number=invoice, channel=channel, request_id=request_id,
+    ))
+
+
+@stamps_group.command("cancel")
+@click.argument("redemption_id", type=int)
+@click.option("--replacement-voucher", is_flag=True, help="Have Stamps create a replacement voucher.")
+@_request_id
+@_actor
+def stamps_cancel(redemption_id: int, replacement_voucher: bool, request_id: str | None, actor: str | None) -> None:
+    """Cancel Stamps redemption REDEMPTION_ID; the ledger row flips to Canceled (once)."""
+    _stamps_report(lambda: _stamps(actor).cancel(
+        redemption_id, create_replacement_voucher=replacement_voucher, request_id=request_id,
+    ))
+
+
+@stamps_group.command("authorize")
+@click.option("--user", required=True, help="Member: email, Member ID, mobile number or id.")
+@click.option("--request-id", required=True, help="The request id the redemption will carry.")
+@click.option("--timeout", default=900, show_default=True, type=int, help="Seconds the authorisation is valid.")
+@click.option("--pin", prompt="Member's PIN", hide_input=True, help="6 digits; prompted (hidden) when left out.")
+@_actor
+def stamps_authorize(user: str, request_id: str, timeout: int, pin: str, actor: str | None) -> None:
+    """Authorise a redemption with the member's PIN (PIN authorisation mode); the PIN is never stored."""
+    _stamps_report(lambda: _stamps(actor).authorize(user=user, pin=pin, request_id=request_id, timeout=timeout))
+
+
+@stamps_group.command("resolve")
+@click.argument("request_id")
+@click.option("--redemption-id", "redemption_ids", type=int, multiple=True,
+              help="Stamps shows this redemption for the operation (repeatable for redeem-many).")
+@click.option("--not-done", is_flag=True, help="Stamps shows nothing: mark it failed and free its invoice.")
+@_actor
+def stamps_resolve(request_id: str, redemption_ids: tuple[int, ...], not_done: bool, actor: str | None) -> None:
+    """Settle an ambiguous operation (its answer was lost) after checking the Stamps dashboard."""
+    if bool(redemption_ids) == not_done:
+        raise click.UsageError("say what Stamps shows: --redemption-id ID (repeatable) or --not-done")
+    _stamps_report(lambda: _stamps(actor, offline=True).resolve(
+        request_id, redemption_ids=list(redemption_ids), not_done=not_done,
+    ), ok=("succeeded", "failed"))
+
+
 def register(app: Flask) -> None:
     """Attach every ops command to the app's CLI."""
     for command in (
         reconcile_command, scheduler_command, backfill_command, voucher_group, deliveries_group, stamp_group,
+        stamps_group,
     ):
         app.cli.add_command(command)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 DEFAULT_DATABASE_URL = "sqlite:///instance/receiver.db"
+DEFAULT_STAMPS_API_BASE_URL = "https://stamps.co.id"
 RM_HOSTS = {
     "sandbox": ("https://sb-open.revenuemonster.my", "https://sb-oauth.revenuemonster.my"),
     "production": ("https://open.revenuemonster.my", "https://oauth.revenuemonster.my"),
 }
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+# Stamps.co.id: `Authorization: <token_type> <token>`; a scheme word, and a token with no spaces.
+_TOKEN_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+_TOKEN = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
 class ConfigError(Exception):
@@ -49,11 +54,23 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     delivery_retention_days: int = 90
+    stamps_api_base_url: str = DEFAULT_STAMPS_API_BASE_URL
+    stamps_token_type: str = "Token"
+    stamps_token: str | None = field(default=None, repr=False)
+    stamps_timeout_seconds: float = 15.0
+    stamps_max_retries: int = 2
     rejected_deliveries_per_minute: int = 120
 
     def secret_values(self) -> list[str]:
         """Values that must never appear in a log line."""
-        return [v for v in (self.rm_client_secret, self.ops_api_token, self.rm_private_key_pem) if v]
+        return [
+            v for v in (self.rm_client_secret, self.ops_api_token, self.rm_private_key_pem, self.stamps_token) if v
+        ]
+
+    @property
+    def stamps_configured(self) -> bool:
+        """Calls to Stamps.co.id need a token."""
+        return bool(self.stamps_token)
 
     @property
     def rm_credentials_configured(self) -> bool:
@@ -191,6 +208,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     log_format = (_get(env, "LOG_FORMAT") or "text").lower()
     if log_format not in ("text", "json"):
         raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}")
+    stamps_token_type = _get(env, "STAMPS_TOKEN_TYPE") or "Token"
+    if not _TOKEN_TYPE.match(stamps_token_type):
+        raise ConfigError(f"STAMPS_TOKEN_TYPE must be one word such as Token or Bearer, got {stamps_token_type!r}")
+    stamps_token = _get(env, "STAMPS_TOKEN")
+    if stamps_token is not None and not _TOKEN.match(stamps_token):
+        # Never echo the value: it is a credential.
+        raise ConfigError("STAMPS_TOKEN must be printable characters without spaces (up to 512)")
 
     return Settings(
         database_url=database_url,
@@ -218,5 +242,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         log_format=log_format,
         delivery_retention_days=_int(env, "DELIVERY_RETENTION_DAYS", 90, minimum=1),
+        stamps_api_base_url=_url(env, "STAMPS_API_BASE_URL", DEFAULT_STAMPS_API_BASE_URL),
+        stamps_token_type=stamps_token_type,
+        stamps_token=stamps_token,
+        stamps_timeout_seconds=_float(env, "STAMPS_TIMEOUT_SECONDS", 15.0),
+        stamps_max_retries=_int(env, "STAMPS_MAX_RETRIES", 2, minimum=0, maximum=10),
         rejected_deliveries_per_minute=_int(env, "REJECTED_DELIVERIES_PER_MINUTE", 120, minimum=0),
     )

@@ -333,3 +333,123 @@ class StampEvent(Base):
         UniqueConstraint("scan_code"),
         Index("ix_stamp_events_card_key_id", "card_key", "id"),
     )
+
+
+# -- Stamps.co.id redemptions ---------------------------------------------------------------------
+
+STAMPS_REDEMPTION_KINDS = (
+    "redeem_reward", "redeem_voucher", "deduct_value", "by_voucher_code", "promo_code", "redeem_many",
+)
+STAMPS_OPERATION_KINDS = (*STAMPS_REDEMPTION_KINDS, "cancel", "authorize")
+STAMPS_OPERATION_STATUSES = ("pending", "succeeded", "failed", "ambiguous")
+STAMPS_REDEMPTION_STATUSES = ("Created", "Canceled")
+
+
+def _in_values(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class StampsOperation(Base):
+    """One call we made (or are making) to Stamps for a merchant, and what came of it, like ``actions`` for RM."""
+
+    __tablename__ = "stamps_operations"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    # The caller's request id (or a generated one); for authorize, the Stamps request id being authorised.
+    request_id: Mapped[str] = mapped_column(String(128), index=True)
+    # request_id for everything but authorize (NULL): an operation with a given key runs at most once.
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(24))
+    target: Mapped[str] = mapped_column(String(255))
+    user_identifier: Mapped[str | None] = mapped_column(String(255))
+    store: Mapped[int | None] = mapped_column(BigInteger)
+    invoice_number: Mapped[str | None] = mapped_column(String(128))
+    # '<store>:<invoice>' while a redemption with that invoice is pending, done or ambiguous; NULL once
+    # Stamps refused it. One store + invoice can never produce two redemptions.
+    invoice_key: Mapped[str | None] = mapped_column(String(160), unique=True)
+    # The JSON body sent to Stamps (a PIN is masked); never the token.
+    params: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))
+    decision: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    # Stamps' per-field errors as a JSON object.
+    error_fields: Mapped[str | None] = mapped_column(Text)
+    # Stamps' JSON answer, as received.
+    response: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        CheckConstraint(_in_values("kind", STAMPS_OPERATION_KINDS), name="kind"),
+        CheckConstraint(_in_values("status", STAMPS_OPERATION_STATUSES), name="status"),
+        Index("ix_stamps_operations_status_created_at", "status", "created_at"),
+    )
+
+
+class StampsRedemption(Base):
+    """One redemption Stamps created for us, and whether it still stands (Created) or was Canceled."""
+
+    __tablename__ = "stamps_redemptions"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    # Stamps' redemption id: a redemption is recorded once, however often we hear of it.
+    stamps_id: Mapped[int] = mapped_column(BigInteger, unique=True)
+    operation_id: Mapped[int | None] = mapped_column(Id, ForeignKey("stamps_operations.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(24))
+    request_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    user_identifier: Mapped[str] = mapped_column(String(255))
+    store: Mapped[int] = mapped_column(BigInteger)
+    invoice_number: Mapped[str | None] = mapped_column(String(128))
+    channel: Mapped[int | None] = mapped_column(Integer)
+    reward_id: Mapped[int | None] = mapped_column(BigInteger)
+    reward_code: Mapped[str | None] = mapped_column(String(128))
+    reward_name: Mapped[str | None] = mapped_column(String(255))
+    voucher_id: Mapped[int | None] = mapped_column(BigInteger)
+    voucher_code: Mapped[str | None] = mapped_column(String(128))
+    voucher_template: Mapped[int | None] = mapped_column(BigInteger)
+    promo_code: Mapped[str | None] = mapped_column(String(128))
+    qty: Mapped[int | None] = mapped_column(Integer)
+    stamps_used: Mapped[int | None] = mapped_column(Integer)
+    value_deducted: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    # The member's stamps right after the redemption, as Stamps reported them.
+    membership_stamps_after: Mapped[int | None] = mapped_column(Integer)
+    raw_request: Mapped[str | None] = mapped_column(Text)
+    raw_response: Mapped[str | None] = mapped_column(Text)
+    redeemed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        CheckConstraint(_in_values("kind", STAMPS_REDEMPTION_KINDS), name="kind"),
+        CheckConstraint(_in_values("status", STAMPS_REDEMPTION_STATUSES), name="status"),
+        Index("ix_stamps_redemptions_store_redeemed_at", "store", "redeemed_at"),
+        Index("ix_stamps_redemptions_user_identifier_redeemed_at", "user_identifier", "redeemed_at"),
+    )
+
+
+class StampsRedemptionEvent(Base):
+    """Every status change of a Stamps redemption (Created, then perhaps Canceled), append-only."""
+
+    __tablename__ = "stamps_redemption_events"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    redemption_id: Mapped[int] = mapped_column(Id, ForeignKey("stamps_redemptions.id"))
+    operation_id: Mapped[int | None] = mapped_column(Id, ForeignKey("stamps_operations.id"), index=True)
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str] = mapped_column(String(16))
+    # The member's stamps after this change, when Stamps said.
+    membership_stamps: Mapped[int | None] = mapped_column(Integer)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    detail: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        # A redemption is created once and canceled at most once.
+        UniqueConstraint("redemption_id", "to_status"),
+        CheckConstraint(_in_values("to_status", STAMPS_REDEMPTION_STATUSES), name="to_status"),
+    )

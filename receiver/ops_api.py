@@ -174,3 +174,139 @@ def issue_voucher(batch_key: str) -> tuple[Response, int]:
 def give_stamp() -> tuple[Response, int]:
     """Give a chop stamp by the card's QR code; recorded at once."""
     return _run_action(lambda body, rid: _actions().give_stamp(str(body.get("code", "")), request_id=rid))
+
+
+# -- Stamps.co.id redemptions ---------------------------------------------------------------------
+
+_STAMPS_STATUS = {"succeeded": 200, "failed": 422, "ambiguous": 502, "pending": 409}
+
+
+def _run_stamps(  # noqa: ANN001
+    run, *, offline: bool = False, statuses: dict[str, int] = _STAMPS_STATUS
+) -> tuple[Response, int]:
+    """Run a Stamps operation with the JSON body; answer with its outcome and a status saying how it ended."""
+    from .stamps_client import StampsNotConfigured
+    from .stamps_ledger import StampsConflict, StampsInputError, StampsLedger, current_stamps_ledger
+
+    body = request.get_json(silent=True)
+    if body is not None and not isinstance(body, dict):
+        return _error(400, "bad_request", "the body must be a JSON object")
+    body = body or {}
+    request_id = body.get("request_id") or body.get("requestId") or request.headers.get("Idempotency-Key")
+    try:
+        ledger = StampsLedger(current_runtime().sessions, None, actor="ops-api") if offline else \
+            current_stamps_ledger("ops-api")
+        outcome = run(ledger, body, request_id)
+    except StampsConflict as exc:
+        return _error(409, "conflict", str(exc))
+    except StampsInputError as exc:
+        return _error(400, "invalid_input", str(exc))
+    except StampsNotConfigured as exc:
+        return _error(503, "stamps_not_configured", exc.message)
+    return jsonify(outcome.as_dict()), statuses[outcome.status]
+
+
+def _common(body: dict) -> dict:
+    return {"user": body.get("user"), "store": body.get("store"), "invoice_number": body.get("invoice_number"),
+            "channel": body.get("channel")}
+
+
+@bp.get("/stamps/redemptions")
+def stamps_redemptions() -> Response | tuple[Response, int]:
+    """Recorded Stamps redemptions by store, member, status or invoice, a page at a time."""
+    from .stamps_ledger import list_redemptions
+
+    try:
+        limit = min(max(int(request.args.get("limit", 50)), 1), 500)
+        after = int(request.args.get("cursor", 0))
+        store = int(request.args["store"]) if request.args.get("store") else None
+    except ValueError:
+        return _error(400, "bad_request", "store, limit and cursor must be whole numbers")
+    with current_runtime().sessions() as session:
+        items, cursor = list_redemptions(
+            session, store=store, user=request.args.get("user"), status=request.args.get("status"),
+            invoice=request.args.get("invoice_number"), limit=limit, after=after,
+        )
+    return jsonify({"items": items, "next_cursor": cursor})
+
+
+@bp.post("/stamps/redemptions/reward")
+def stamps_redeem_reward() -> tuple[Response, int]:
+    """Redeem a reward through Stamps; recorded at once."""
+    return _run_stamps(lambda ledger, body, rid: ledger.redeem_reward(
+        **_common(body), reward=body.get("reward"), stamps=body.get("stamps"), qty=body.get("qty"),
+        extra_data=body.get("extra_data"), request_id=rid,
+    ))
+
+
+@bp.post("/stamps/redemptions/voucher")
+def stamps_redeem_voucher() -> tuple[Response, int]:
+    """Redeem a member's voucher through Stamps; recorded at once."""
+    return _run_stamps(lambda ledger, body, rid: ledger.redeem_voucher(
+        **_common(body), voucher=body.get("voucher"), extra_data=body.get("extra_data"), request_id=rid,
+    ))
+
+
+@bp.post("/stamps/redemptions/deduct")
+def stamps_deduct() -> tuple[Response, int]:
+    """Deduct a value from a dynamic-value voucher through Stamps; recorded at once."""
+    return _run_stamps(lambda ledger, body, rid: ledger.deduct(
+        **_common(body), voucher=body.get("voucher"), value=body.get("value"), extra_data=body.get("extra_data"),
+        request_id=rid,
+    ))
+
+
+@bp.post("/stamps/redemptions/by-code")
+def stamps_by_code() -> tuple[Response, int]:
+    """Redeem a voucher by its code through Stamps; recorded at once."""
+    return _run_stamps(lambda ledger, body, rid: ledger.redeem_by_code(
+        **_common(body), voucher_code=body.get("voucher_code"), voucher_template=body.get("voucher_template"),
+        request_id=rid,
+    ))
+
+
+@bp.post("/stamps/redemptions/promo")
+def stamps_promo() -> tuple[Response, int]:
+    """Redeem a promo code through Stamps; recorded at once."""
+    return _run_stamps(lambda ledger, body, rid: ledger.redeem_promo(
+        **_common(body), promo_code=body.get("promo_code"), request_id=rid,
+    ))
+
+
+@bp.post("/stamps/redemptions/many")
+def stamps_redeem_many() -> tuple[Response, int]:
+    """Redeem several rewards in one Stamps call; recorded at once."""
+    return _run_stamps(lambda ledger, body, rid: ledger.redeem_many(
+        **_common(body), rewards=body.get("rewards"), request_id=rid,
+    ))
+
+
+@bp.post("/stamps/redemptions/cancel")
+def stamps_cancel() -> tuple[Response, int]:
+    """Cancel a Stamps redemption by its Stamps id; the ledger row flips to Canceled once."""
+    return _run_stamps(lambda ledger, body, rid: ledger.cancel(
+        body.get("id"), create_replacement_voucher=body.get("create_replacement_voucher") is True, request_id=rid,
+    ))
+
+
+@bp.post("/stamps/authorize")
+def stamps_authorize() -> tuple[Response, int]:
+    """Authorise a redemption's request id with the member's PIN (never stored)."""
+    return _run_stamps(lambda ledger, body, rid: ledger.authorize(
+        user=body.get("user"), pin=body.get("pin"), request_id=body.get("request_id"), timeout=body.get("timeout"),
+    ))
+
+
+@bp.post("/stamps/resolve")
+def stamps_resolve() -> tuple[Response, int]:
+    """Settle an ambiguous operation after checking the Stamps dashboard."""
+    def run(ledger, body, rid):  # noqa: ANN001, ANN202
+        ids = body.get("redemption_ids") or []
+        if not isinstance(ids, list):
+            from .stamps_ledger import StampsInputError
+
+            raise StampsInputError("redemption_ids must be a list of Stamps redemption ids")
+        return ledger.resolve(str(rid or ""), redemption_ids=ids, not_done=body.get("not_done") is True)
+
+    # Settled either way: as done (succeeded) or as not done (failed).
+    return _run_stamps(run, offline=True, statuses={**_STAMPS_STATUS, "failed": 200})

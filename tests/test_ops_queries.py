@@ -2,7 +2,8 @@
 
 The data set is small and deliberate, and it is built only through the project's own code paths
 (apply_snapshot, record_not_found, accept_verified, record_rejection, record_failure, replay,
-try_acquire; ReconcileRun rows through the ORM),
+try_acquire; ReconcileRun rows through the ORM; record_redemption, record_cancellation and the
+StampsLedger itself, against a stand-in for Stamps),
 with times relative to the real clock, because the queries filter on the ops_clock view.
 Each query has a named expectation below; a query without one fails the test.
 """
@@ -25,6 +26,8 @@ from receiver.deliveries import IncomingCallback, accept_verified, record_failur
 from receiver.lease import try_acquire
 from receiver.models import DeliveryOutcome, ReconcileRun, Source
 from receiver.snapshot import snapshot_from_item
+from receiver.stamps_client import StampsAmbiguous
+from receiver.stamps_ledger import StampsLedger, record_cancellation, record_redemption
 from tests.support import ROOT, callback_body, rm_time, voucher_item
 
 QUERIES_FILE = ROOT / "docs" / "ops-queries.sql"
@@ -121,6 +124,7 @@ class World:
     today_start: datetime
     ids: dict[str, int] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    stamps: dict[str, Any] = field(default_factory=dict)
 
     def ago(self, **delta: float) -> datetime:
         return self.now - timedelta(**delta)
@@ -322,6 +326,63 @@ def seed(db, w: World) -> None:  # noqa: ANN001, PLR0915 - one scenario, told in
     # Scheduler leases: one whose holder stopped renewing it (it ran out earlier today), one held.
     assert try_acquire(db, "reconcile", "worker-a:101:aaaaaa", ttl=60, now=w.t(0.8) - timedelta(seconds=60))
     assert try_acquire(db, "backfill", "worker-b:202:bbbbbb", ttl=3600, now=w.ago(minutes=1))
+
+    seed_stamps(db, w)
+
+
+class _StandInStamps:
+    """Answers the ledger as Stamps would: a cancel goes through, a redemption's answer is lost."""
+
+    def cancel_redemption(self, redemption_id: int, *, create_replacement_voucher: bool = False) -> dict[str, Any]:
+        return {"redemption": {"id": redemption_id, "status": "Canceled"},
+                "customer": {"id": 9, "status": "Blue", "stamps_remaining": 100}}
+
+    def redeem_reward(self, **_body: Any) -> dict[str, Any]:
+        raise StampsAmbiguous("NO_ANSWER", "no answer from Stamps (ReadTimeoutError)")
+
+
+def seed_stamps(db, w: World) -> None:  # noqa: ANN001
+    """Stamps.co.id redemptions at two stores over the last 40 days, some canceled, one answer lost."""
+
+    def redeem(stamps_id: int, kind: str, store: int, user: str, at: datetime, used: int | None, after: int,
+               **fields: Any) -> None:
+        with db.begin() as s:
+            record_redemption(s, stamps_id=stamps_id, kind=kind, store=store, user_identifier=user, stamps_used=used,
+                              membership_stamps_after=after, invoice_number=f"POS-{stamps_id}", now=at, **fields)
+
+    def cancel(stamps_id: int, at: datetime, after: int) -> None:
+        with db.begin() as s:
+            row, changed = record_cancellation(s, stamps_id, membership_stamps=after, now=at)
+            assert changed and row is not None
+
+    # alice: 100 stamps; 4, then 10 (canceled later today), then a voucher value; one 40 days ago.
+    redeem(1001, "redeem_reward", 32, "alice@example.com", w.t(0.2), 4, 96, reward_id=1)
+    redeem(1004, "redeem_reward", 45, "alice@example.com", w.t(0.25), 10, 86, reward_id=2)
+    redeem(1003, "deduct_value", 32, "alice@example.com", w.t(0.4), 0, 86, voucher_id=502, value_deducted=2500)
+    cancel(1004, w.t(0.6), 96)
+    redeem(1008, "redeem_reward", 32, "alice@example.com", w.ago(days=40), 20, 80, reward_id=1)
+    cancel(1008, w.ago(days=35), 100)
+    # bob: a voucher today, a voucher by code (no stamps reported) late yesterday.
+    redeem(1002, "redeem_voucher", 32, "bob@example.com", w.t(0.3), 0, 50, voucher_id=501)
+    redeem(1005, "by_voucher_code", 45, "bob@example.com", w.yesterday_late, None, 50, voucher_code="ABCD100k",
+           voucher_template=12)
+    # carol: a promo code and three rewards at once three days ago; the rewards canceled two days ago.
+    redeem(1006, "promo_code", 32, "carol@example.com", w.day3, 0, 30, promo_code="PROMOCODE")
+    redeem(1007, "redeem_many", 32, "carol@example.com", w.day3 + timedelta(minutes=10), 6, 24, reward_code="1,2")
+    cancel(1007, w.ago(days=2), 30)
+    # dave: redeemed earlier today, canceled just now at the till through the ledger.
+    redeem(1009, "redeem_reward", 45, "dave@example.com", w.t(0.1), 3, 97, reward_id=1)
+    till = StampsLedger(db, _StandInStamps(), actor="till-7")  # type: ignore[arg-type]
+    assert till.cancel(1009).status == "succeeded"
+    # erin: the answer of a redemption was lost: ambiguous, holding its request id and invoice.
+    lost = till.redeem_reward(user="erin@example.com", store=32, reward=1, invoice_number="POS-LOST",
+                              request_id="till-lost")
+    assert lost.status == "ambiguous"
+    with db() as s:
+        w.stamps["dave_canceled_at"] = s.execute(
+            text("SELECT canceled_at FROM stamps_redemptions WHERE stamps_id = 1009")).scalar()
+        w.stamps["lost_created_at"] = s.execute(
+            text("SELECT created_at FROM stamps_operations WHERE request_id = 'till-lost'")).scalar()
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,6 +649,54 @@ def _(rows, w):  # noqa: ANN001
         ("backfill", "worker-b:202:bbbbbb", w.ago(minutes=1), w.ago(minutes=1) + timedelta(hours=1), "held"),
         ("reconcile", "worker-a:101:aaaaaa", w.t(0.8) - timedelta(seconds=60), w.t(0.8), "expired"),
     ]
+
+
+@expect("stamps_redemptions_per_store_per_day")
+def _(rows, w):  # noqa: ANN001
+    # Not 1008 (40 days ago). Canceled ones count as redemptions and as canceled, not as stamps spent.
+    today, yesterday, day3 = (d.date().isoformat() for d in (w.t(0.5), w.yesterday_late, w.day3))
+    assert pick(rows, "redeemed_day", "store", "redemptions", "canceled", "stamps_spent", "value_deducted") == [
+        (today, 32, 3, 0, 4, 2500),  # 1001, 1002, 1003
+        (today, 45, 2, 2, 0, 0),  # 1004, 1009
+        (yesterday, 45, 1, 0, 0, 0),  # 1005
+        (day3, 32, 2, 1, 0, 0),  # 1006, 1007
+    ]
+
+
+@expect("stamps_cancellations_last_month")
+def _(rows, w):  # noqa: ANN001
+    # Not 1008 (canceled 35 days ago).
+    assert pick(rows, "canceled_at", "redemption_id", "kind", "store", "invoice_number", "user_identifier",
+                "redeemed_at", "stamps_used", "member_stamps_after", "canceled_by") == [
+        (_norm(w.stamps["dave_canceled_at"]), 1009, "redeem_reward", 45, "POS-1009", "dave@example.com", w.t(0.1), 3,
+         100, "till-7"),
+        (w.t(0.6), 1004, "redeem_reward", 45, "POS-1004", "alice@example.com", w.t(0.25), 10, 96, None),
+        (w.ago(days=2), 1007, "redeem_many", 32, "POS-1007", "carol@example.com", w.day3 + timedelta(minutes=10), 6,
+         30, None),
+    ]
+
+
+@expect("stamps_spent_per_member")
+def _(rows, w):  # noqa: ANN001
+    # alice's last known stamps come from the cancel of 1004 (96), not from 1008's older events.
+    assert pick(rows, "member", "redemptions", "stamps_spent", "canceled", "stamps_canceled", "last_redeemed_at",
+                "last_known_stamps") == [
+        ("alice@example.com", 2, 4, 1, 10, w.t(0.4), 96),
+        ("bob@example.com", 2, 0, 0, 0, w.t(0.3), 50),
+        ("carol@example.com", 1, 0, 1, 6, w.day3 + timedelta(minutes=10), 30),
+        ("dave@example.com", 0, 0, 1, 3, w.t(0.1), 100),
+    ]
+
+
+@expect("stamps_operations_unresolved")
+def _(rows, w):  # noqa: ANN001
+    # Not the cancel that went through.
+    assert pick(rows, "created_at", "request_id", "kind", "status", "store", "invoice_number", "user_identifier",
+                "actor", "http_status", "error_code") == [
+        (_norm(w.stamps["lost_created_at"]), "till-lost", "redeem_reward", "ambiguous", 32, "POS-LOST",
+         "erin@example.com", "till-7", None, "NO_ANSWER"),
+    ]
+    assert "stamps resolve till-lost" in rows[0]["decision"]
 
 
 # --------------------------------------------------------------------------------------------
