@@ -36,7 +36,10 @@ def reconcile_command(codes: tuple[str, ...]) -> None:
             concurrency=runtime.settings.reconcile_concurrency, trigger="cli",
         )
     else:
-        summary = run_reconcile_under_lease(runtime, client, trigger="cli")
+        def progress(running) -> None:  # noqa: ANN001
+            click.echo(f"  ... checked {running.checked}, changed {running.changed}, failed {running.failed}", err=True)
+
+        summary = run_reconcile_under_lease(runtime, client, trigger="cli", on_progress=progress)
         if summary is None:
             raise click.ClickException("another reconciliation is running (the 'reconcile' lease is held); try later")
     click.echo(summary.line())
