@@ -46,38 +46,11 @@ def ensure_dev_keys(instance: Path = INSTANCE) -> tuple[Path, Path]:
     return write_key_pair(instance, DEV_KEY_NAME)
 
 
-def _rm_time(at: datetime) -> str:
-    return at.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
-
-
 def sample_item(code: str, status: str, updated: datetime) -> dict:
     """A voucher object shaped like the sample on RM's voucher overview page."""
-    return {
-        "key": f"dev-{code}",
-        "label": "Free breakfast (local mode sample)",
-        "redemptionRuleKey": None,
-        "voucherBatchKey": "dev-batch",
-        "type": "GIFT",
-        "amount": 0,
-        "discountRate": 0,
-        "minimumSpendAmount": 0,
-        "origin": "SYSTEM",
-        "imageUrl": "",
-        "memberProfile": None,
-        "assignedAt": _rm_time(updated - timedelta(minutes=5)),
-        "payload": None,
-        "qrUrl": f"http://api.revenuemonster.my/qr/0/voucher/{code}",
-        "code": code,
-        "isShipping": False,
-        "address": None,
-        "expiry": {"type": "DYNAMIC", "day": 100, "expiredAt": _rm_time(updated + timedelta(days=100))},
-        "usedAt": _rm_time(updated) if status == "VOID" else "0001-01-01T00:00:00Z",
-        "redeemedAt": "0001-01-01T00:00:00Z",
-        "isDeviceRedeem": False,
-        "status": status,
-        "createdAt": _rm_time(updated - timedelta(days=1)),
-        "updatedAt": _rm_time(updated),
-    }
+    from .fake_rm import voucher_object
+
+    return voucher_object(code, status, updated, batch_key="dev-batch", label="Free breakfast (local mode sample)")
 
 
 def send_samples(url: str, instance: Path = INSTANCE) -> int:

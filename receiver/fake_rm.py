@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,6 +38,39 @@ ZERO_TIME = "0001-01-01T00:00:00Z"
 def rm_time(at: datetime) -> str:
     """RM's time format: RFC 3339 UTC with nanoseconds."""
     return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+
+
+def voucher_object(code: str, status: str, updated: datetime, *, batch_key: str, label: str) -> dict[str, Any]:
+    """A voucher in RM's shape (the callback sample on RM's voucher overview page), updated at ``updated``."""
+    return {
+        "key": f"key-{code}",
+        "label": label,
+        "redemptionRuleKey": None,
+        "voucherBatchKey": batch_key,
+        "type": "GIFT",
+        "amount": 0,
+        "discountRate": 0,
+        "minimumSpendAmount": 0,
+        "origin": "SYSTEM",
+        "imageUrl": "",
+        "memberProfile": None,
+        "redemptionRule": None,
+        "assignedAt": ZERO_TIME,
+        "payload": None,
+        "qrUrl": f"http://api.revenuemonster.my/qr/0/voucher/{code}",
+        "code": code,
+        "isShipping": False,
+        "address": None,
+        "expiry": {"type": "FIXED", "day": 0, "expiredAt": rm_time(updated + timedelta(days=90))},
+        "usedAt": rm_time(updated) if status == "VOID" else ZERO_TIME,
+        "redeemedAt": ZERO_TIME,
+        "isDeviceRedeem": False,
+        "status": status,
+        "voucherComboKey": None,
+        "isMarketPlace": False,
+        "createdAt": rm_time(updated),
+        "updatedAt": rm_time(updated),
+    }
 
 
 def rm_error(code: str, message: str, status: int) -> tuple[Response, int]:
@@ -148,35 +181,7 @@ class FakeRM:
             if batch_key not in self.batches:
                 self.add_batch(batch_key, f"Batch {batch_key}")
             now = self.tick()
-            item = {
-                "key": f"key-{code}",
-                "label": fields.pop("label", "Free gift"),
-                "redemptionRuleKey": None,
-                "voucherBatchKey": batch_key,
-                "type": "GIFT",
-                "amount": 0,
-                "discountRate": 0,
-                "minimumSpendAmount": 0,
-                "origin": "SYSTEM",
-                "imageUrl": "",
-                "memberProfile": None,
-                "redemptionRule": None,
-                "assignedAt": ZERO_TIME,
-                "payload": None,
-                "qrUrl": f"http://api.revenuemonster.my/qr/0/voucher/{code}",
-                "code": code,
-                "isShipping": False,
-                "address": None,
-                "expiry": {"type": "FIXED", "day": 0, "expiredAt": rm_time(now + timedelta(days=90))},
-                "usedAt": ZERO_TIME,
-                "redeemedAt": ZERO_TIME,
-                "isDeviceRedeem": False,
-                "status": status,
-                "voucherComboKey": None,
-                "isMarketPlace": False,
-                "createdAt": rm_time(now),
-                "updatedAt": rm_time(now),
-            }
+            item = voucher_object(code, status, now, batch_key=batch_key, label=fields.pop("label", "Free gift"))
             item.update(fields)
             self.vouchers[code] = item
             self.batches[batch_key]["codes"].append(code)

@@ -10,7 +10,6 @@ memory. Usage (from the repository, after scripts/test or scripts/run made .venv
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys

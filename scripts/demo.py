@@ -6,7 +6,6 @@ folder that is printed at the end, so you can keep poking at the database with s
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 from sqlalchemy import func, select, text
 
 from receiver.models import Voucher, VoucherEvent, WebhookDelivery
-from receiver.signature import load_private_key, sign_request
 from tests.support import CALLBACK_PATH, Signer, callback_body, voucher_item
 
 
