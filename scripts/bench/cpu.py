@@ -9,7 +9,8 @@ from dataclasses import dataclass
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _stat(pid: int) -> tuple[str, int, float] | None:
+def _stat(pid: int) -> tuple[str, int, float, int] | None:
+    """(comm, ppid, CPU seconds, start time): the start time tells a reused pid from the same process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read().decode("latin-1")
@@ -17,10 +18,10 @@ def _stat(pid: int) -> tuple[str, int, float] | None:
         return None
     comm = raw[raw.find("(") + 1:raw.rfind(")")]
     fields = raw[raw.rfind(")") + 2:].split()
-    return comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
+    return comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK, int(fields[19])
 
 
-def _all() -> dict[int, tuple[str, int, float]]:
+def _all() -> dict[int, tuple[str, int, float, int]]:
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -40,7 +41,7 @@ def _machine() -> tuple[float, float]:
 @dataclass
 class CpuSample:
     wall: float
-    procs: dict[int, tuple[str, int, float]]
+    procs: dict[int, tuple[str, int, float, int]]
     machine: tuple[float, float]
 
 
@@ -72,9 +73,9 @@ def usage(
     wall = after.wall - before.wall
     # Only count CPU a process used after `before` (new processes start from zero).
     delta: dict[int, tuple[str, int, float]] = {}
-    for pid, (comm, ppid, cpu) in after.procs.items():
+    for pid, (comm, ppid, cpu, start) in after.procs.items():
         prior = before.procs.get(pid)
-        base = prior[2] if prior and prior[0] == comm else 0.0
+        base = prior[2] if prior and prior[3] == start else 0.0
         delta[pid] = (comm, ppid, cpu - base)
     groups = {k: v / wall for k, v in _group(delta, server_pid).items()}
     total = (after.machine[0] - before.machine[0])
@@ -83,5 +84,64 @@ def usage(
     groups["machine_busy"] = (total - idle) / total * ncpu if total else 0.0
     for name, seconds in (extra or {}).items():
         groups[name] = groups.get(name, 0.0) + seconds / wall
+    ours = sum(v for k, v in groups.items() if k != "machine_busy")
+    # Everything else on the machine (other sessions' processes, kernel work not charged to ours).
+    groups["other"] = max(0.0, groups["machine_busy"] - ours)
     groups["wall"] = wall
     return groups
+
+
+def top_others(before: CpuSample, after: CpuSample, server_pid: int | None, n: int = 3) -> list[str]:
+    """The processes outside our groups that used the most CPU between two samples ("comm pid cores")."""
+    wall = after.wall - before.wall
+    me = os.getpid()
+    out = []
+    for pid, (comm, ppid, cpu_after, start) in after.procs.items():
+        if pid == me or (server_pid is not None and (pid == server_pid or ppid == server_pid)):
+            continue
+        if comm in ("postgres", "wrk"):
+            continue
+        prior = before.procs.get(pid)
+        used = (cpu_after - (prior[2] if prior and prior[3] == start else 0.0)) / wall
+        if used >= 0.02:
+            out.append((used, f"{comm} {pid} {used:.2f}"))
+    return [text for _u, text in sorted(out, reverse=True)[:n]]
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """Cores busy on the whole machine over the next ``seconds``."""
+    t0, i0 = _machine()
+    time.sleep(seconds)
+    t1, i1 = _machine()
+    total = t1 - t0
+    return (total - (i1 - i0)) / total * (os.cpu_count() or 1) if total else 0.0
+
+
+def busiest_others(exclude: set[int], top: int = 3, seconds: float = 1.0) -> list[tuple[float, int, str]]:
+    """The processes (not in ``exclude``) using the most CPU right now: (cores, pid, comm)."""
+    a = _all()
+    time.sleep(seconds)
+    b = _all()
+    out = []
+    for pid, (comm, _ppid, cpu_b, start) in b.items():
+        if pid in exclude or pid not in a or a[pid][3] != start:
+            continue
+        used = (cpu_b - a[pid][2]) / seconds
+        if used > 0.02:
+            out.append((used, pid, comm))
+    return sorted(out, reverse=True)[:top]
+
+
+def wait_for_quiet(threshold: float, max_wait: float, exclude: set[int], log) -> str | None:  # noqa: ANN001
+    """Wait until other processes use less than ``threshold`` cores; a note if they never did."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy = machine_busy(0.5)
+        if busy <= threshold:
+            return None
+        if time.monotonic() > deadline:
+            return f"machine still {busy:.2f} cores busy after waiting {max_wait:g}s; measured anyway"
+        others = busiest_others(exclude, seconds=0.5)
+        log(f"      waiting for the machine to go idle ({busy:.2f} cores busy: "
+            f"{', '.join(f'{c} pid {p} {u:.2f}' for u, p, c in others) or 'kernel'}) ...")
+        time.sleep(2)

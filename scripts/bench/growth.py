@@ -34,9 +34,9 @@ SELECT g.code, 'REDEEMED', g.t, (extract(epoch FROM g.t) * 1000000000)::bigint, 
     'batch-' || (g.i % 50), 'Free coffee', 'CASH', 500, 0, 1000, 'SYSTEM',
     'http://api.revenuemonster.my/qr/1/voucher/' || g.code, false, false, 'FIXED', 0,
     timestamptz '2027-01-01 00:00:00+00', timestamptz '2025-12-31 00:00:00+00',
-    replace(:raw, '@CODE@', g.code), encode(sha256(convert_to(g.code || ':2', 'UTF8')), 'hex'), 'callback',
+    replace(:raw, '@CODE@', g.code), encode(sha256(convert_to(g.code || '#2', 'UTF8')), 'hex'), 'callback',
     g.t, g.t + interval '2 hours', g.t + interval '2 hours', false
-FROM (SELECT i, upper(substr(md5('grow:' || i), 1, 16)) AS code,
+FROM (SELECT i, upper(substr(md5('grow#' || i), 1, 16)) AS code,
              timestamptz '2025-01-01 00:00:00+00' + i * interval '30 seconds' AS t
       FROM generate_series(1, :n) AS i) AS g
 """,
@@ -46,8 +46,8 @@ INSERT INTO webhook_deliveries (received_at, last_received_at, body_sha256, dedu
 SELECT d.t, d.t, d.sha, d.sha, 'accepted', 200, 1, d.code, true, d.nonce, '203.0.113.7', 'application/json',
     replace(:headers, '@NONCE@', d.nonce), replace(:body, '@CODE@', d.code), false
 FROM (SELECT v.id, s, v.code, v.first_seen_at + s * interval '1 hour' AS t,
-             encode(sha256(convert_to(v.code || ':body:' || s, 'UTF8')), 'hex') AS sha,
-             substr(md5(v.code || ':nonce:' || s), 1, 32) AS nonce
+             encode(sha256(convert_to(v.code || '#body#' || s, 'UTF8')), 'hex') AS sha,
+             substr(md5(v.code || '#nonce#' || s), 1, 32) AS nonce
       FROM vouchers v CROSS JOIN generate_series(0, 2) AS s
       WHERE v.id > :after
       ORDER BY v.id, s
@@ -59,11 +59,11 @@ INSERT INTO voucher_events (voucher_code, from_status, to_status, rm_updated_at,
     recorded_at, payload, snapshot_sha256, detail)
 SELECT e.code, (ARRAY[NULL, 'VALID', 'ISSUE'])[e.s + 1], (ARRAY['VALID', 'ISSUE', 'REDEEMED'])[e.s + 1],
     e.t, 'callback', 'applied', e.delivery_id, e.t, replace(:raw, '@CODE@', e.code),
-    encode(sha256(convert_to(e.code || ':' || e.s, 'UTF8')), 'hex'), NULL
+    encode(sha256(convert_to(e.code || '#' || e.s, 'UTF8')), 'hex'), NULL
 FROM (SELECT v.code, s, v.first_seen_at + s * interval '1 hour' AS t, d.id AS delivery_id
       FROM vouchers v CROSS JOIN generate_series(0, 2) AS s
       LEFT JOIN webhook_deliveries d
-             ON :with_deliveries AND d.dedupe_key = encode(sha256(convert_to(v.code || ':body:' || s, 'UTF8')), 'hex')
+             ON :with_deliveries AND d.dedupe_key = encode(sha256(convert_to(v.code || '#body#' || s, 'UTF8')), 'hex')
       WHERE v.id > :after
       ORDER BY v.id, s
       LIMIT :n) AS e
@@ -153,8 +153,12 @@ def load_history(engine: Engine, events: int, *, deliveries: bool = False, log=p
     assert counted >= events, f"voucher_events has {counted} rows, expected at least {events}"
     started = time.monotonic()
     if sqlite:
-        with engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        # Outside a transaction (the engine would BEGIN IMMEDIATE first): the raw connection autocommits.
+        raw = engine.raw_connection()
+        try:
+            raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            raw.close()
     else:
         # autovacuum would get here eventually (it is off on some servers): statistics and visibility
         # map as a long-running production database has them, and no checkpoint during the run.

@@ -93,7 +93,8 @@ def run_wrk(
         errors={k: v for k, v in data["errors"].items() if v},
         cpu=cpu.usage(before, after, server_pid, {"wrk": rusage.ru_utime + rusage.ru_stime}),
         exhausted=bool(data["exhausted_threads"]),
-        extra={"wrk_output": output, "wraps": data["wraps"], "cmd": " ".join(cmd)},
+        extra={"wrk_output": output, "wraps": data["wraps"], "cmd": " ".join(cmd),
+               "other_top": cpu.top_others(before, after, server_pid)},
     )
     if result.exhausted:
         result.notes.append("request file exhausted before the end (rate not valid; the harness retries)")
@@ -159,6 +160,9 @@ def run_fixed_rate(
     service = [(end - start) * 1000 for due, start, end, st in counted if st == "200"]
     lag = [(start - due) * 1000 for due, start, _e, _st in counted]
     span = counted[-1][0] - counted[0][0] + 1 / rate if counted else 0.0
+    # Achieved: 200s per second from the first due time to the last completion (a server that
+    # cannot keep up finishes late, and this says so).
+    finish = max(r[2] for r in counted) - counted[0][0] if counted else 0.0
     result = PhaseResult(
         label=label,
         duration=span,
@@ -169,8 +173,10 @@ def run_fixed_rate(
         cpu=cpu.usage(before, after, server_pid, {"loadgen": self_cpu}),
         extra={
             "offered_rate": rate,
-            "achieved_rate": len([r for r in counted if r[3] == "200"]) / span if span else 0.0,
+            "achieved_rate": len([r for r in counted if r[3] == "200"]) / finish if finish else 0.0,
             "service_ms": {"p50": _pct(service, 50), "p99": _pct(service, 99)},
+            "other_top": cpu.top_others(before, after, server_pid),
+            "lead_in_ok": sum(1 for r in results if r[0] - t0 < lead_in and r[3] == "200"),
             "send_lag_ms": {"p50": _pct(lag, 50), "p99": _pct(lag, 99), "max": max(lag) if lag else float("nan")},
         },
     )

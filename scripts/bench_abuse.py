@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Abuse: forged callbacks flood the receiver while genuine ones keep arriving.
+
+Runs the real gunicorn server (production settings) on SQLite (default) or PostgreSQL, then:
+  1. genuine signed callbacks alone at --genuine-rate/s (baseline latency);
+  2. the same genuine rate while --forged-rate forged callbacks/s (valid JSON, bad signatures,
+     one source address) arrive for --seconds;
+and prints genuine p50/p99 in both phases, the flood's answers, how many rejected deliveries were
+stored (bounded, rate-limited per source) and how much the database grew.
+
+    .venv/bin/python scripts/bench_abuse.py [--database-url postgresql://root@127.0.0.1:5432/postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from receiver.db import normalise_url  # noqa: E402
+from receiver.models import WebhookDelivery  # noqa: E402
+from scripts.bench.callbacks import Record, signed_records  # noqa: E402
+from scripts.bench.loadgen import run_fixed_rate  # noqa: E402
+from tests.support import Gunicorn, fresh_settings_env, migrate  # noqa: E402
+
+VECTORS = json.loads((ROOT / "tests" / "fixtures" / "rm-signature.json").read_text())
+
+
+def forged_records(count: int) -> list[Record]:
+    """Well-formed callbacks with a signature that does not verify."""
+    records = []
+    for i in range(count):
+        body = json.dumps({"item": {"code": f"FORGED-{i}", "status": "VOID", "updatedAt": "2026-11-21T00:00:00Z",
+                                    "label": "x" * 2000}, "code": "SUCCESS"}).encode()
+        headers = {"Content-Type": "application/json", "X-Signature": "sha256 " + "QUJD" * 86 + "QQ==",
+                   "X-Nonce-Str": uuid.uuid4().hex, "X-Timestamp": "1700000000"}
+        records.append(Record("POST", "/webhooks/revenuemonster/voucher", headers, body))
+    return records
+
+
+def _flood(args: tuple) -> dict:
+    port, records, rate = args
+    result = run_fixed_rate("127.0.0.1", port, records, rate=rate, lead_in=0.0, server_pid=None, label="flood")
+    return {"statuses": result.statuses, "achieved": result.extra["achieved_rate"], "cpu": result.cpu,
+            "send_lag_p99": result.extra["send_lag_ms"]["p99"]}
+
+
+def db_size(url: str, path: Path | None) -> int:
+    """Bytes the database occupies now."""
+    if path is not None:
+        return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    engine = create_engine(normalise_url(url))
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT pg_database_size(current_database())")).scalar()
+    finally:
+        engine.dispose()
+
+
+def stored_rejections(url: str) -> int:
+    """Rejected deliveries written so far."""
+    engine = create_engine(normalise_url(url))
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                select(func.count()).select_from(WebhookDelivery).where(WebhookDelivery.outcome == "rejected_signature")
+            ).scalar()
+    finally:
+        engine.dispose()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database-url", help="PostgreSQL server URL (a throwaway database is created); default SQLite")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--forged-rate", type=float, default=1000.0)
+    parser.add_argument("--genuine-rate", type=float, default=50.0)
+    parser.add_argument("--workers", type=int, default=5)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-abuse-"))
+    sqlite_path = None
+    admin = None
+    if args.database_url:
+        from tests.conftest import create_postgres_database
+
+        admin = normalise_url(args.database_url)
+        url = create_postgres_database(admin)
+    else:
+        sqlite_path = work / "receiver.db"
+        url = f"sqlite:///{sqlite_path}"
+    migrate(url)
+    genuine_count = int(args.genuine_rate * (args.seconds + 2)) * 2
+    print(f"signing {genuine_count} genuine callbacks ...", flush=True)
+    genuine = signed_records(genuine_count, "lifecycle")
+    half = len(genuine) // 2
+    forged = forged_records(int(args.forged_rate * args.seconds))
+    server = Gunicorn(fresh_settings_env(url, VECTORS, work, LOG_LEVEL="WARNING"), workers=args.workers).start()
+    pid = server.proc.pid if server.proc else None
+    try:
+        size0 = db_size(url, sqlite_path)
+        alone = run_fixed_rate("127.0.0.1", server.port, genuine[:half], rate=args.genuine_rate, lead_in=1.0,
+                               server_pid=pid, label="genuine alone")
+        size1 = db_size(url, sqlite_path)
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            flood = pool.map_async(_flood, [(server.port, forged, args.forged_rate)])
+            under = run_fixed_rate("127.0.0.1", server.port, genuine[half:], rate=args.genuine_rate, lead_in=1.0,
+                                   server_pid=pid, label="genuine under flood")
+            flood_result = flood.get()[0]
+        size2 = db_size(url, sqlite_path)
+        rejected_rows = stored_rejections(url)
+    finally:
+        server.stop()
+        if admin:
+            from tests.conftest import drop_postgres_database
+
+            drop_postgres_database(admin, url)
+
+    kind = make_url(url).get_backend_name()
+    print(f"\ndatabase: {kind}, gunicorn workers: {args.workers}, REJECTED_DELIVERIES_PER_MINUTE: 120 (default)")
+    for phase in (alone, under):
+        lat = phase.latency_ms
+        print(f"{phase.label:<22} {phase.statuses}  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  "
+              f"(offered {args.genuine_rate:.0f}/s)")
+    print(f"forged flood           {flood_result['statuses']}  achieved {flood_result['achieved']:.0f}/s of "
+          f"{args.forged_rate:.0f}/s offered; generator send lag p99 {flood_result['send_lag_p99']:.1f} ms")
+    print(f"rejected rows stored   {rejected_rows} of {len(forged)} forged")
+    print(f"database growth        genuine phase {(size1 - size0) / 1024:.0f} KiB; flood phase "
+          f"{(size2 - size1) / 1024:.0f} KiB (genuine included)")
+    print(f"genuine p99 target     <= 25 ms: {'met' if under.latency_ms['p99'] <= 25 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
