@@ -81,6 +81,30 @@ class NetworkError(Exception):
         self.never_sent = never_sent
 
 
+def http_send(
+    pool: urllib3.PoolManager,
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str],
+    body: bytes | None,
+    timeout: urllib3.Timeout,
+    note: Callable[[str], None],
+) -> HTTPResult:
+    """One HTTP exchange, no retries; NetworkError says whether the request may have reached the server."""
+    try:
+        raw = pool.request(method, url, headers=headers, body=body, timeout=timeout, retries=False, redirect=False)
+    except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
+        note("connect_error")
+        raise NetworkError(type(exc).__name__, never_sent=True) from None
+    except urllib3.exceptions.HTTPError as exc:
+        # Read timeouts and dropped connections: the server may have acted on the request.
+        note("network_error")
+        raise NetworkError(type(exc).__name__, never_sent=False) from None
+    note(str(raw.status))
+    return HTTPResult(raw.status, raw.headers, raw.data)
+
+
 def error_from_response(response: HTTPResult) -> RMError:
     """Map RM's error shape ``{"error": {"code", "message"}}`` (or a bare status) to a typed exception."""
     code, message = f"HTTP_{response.status_code}", ""
@@ -253,19 +277,10 @@ class RMClient:
         self, method: str, url: str, *, endpoint: str, headers: dict[str, str], body: bytes | None = None
     ) -> HTTPResult:
         self.limiter.acquire()
-        try:
-            raw = self.http.request(
-                method, url, headers=headers, body=body, timeout=self._timeout, retries=False, redirect=False
-            )
-        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
-            self._note(endpoint, "connect_error")
-            raise NetworkError(type(exc).__name__, never_sent=True) from None
-        except urllib3.exceptions.HTTPError as exc:
-            # Read timeouts and dropped connections: RM may have acted on the request.
-            self._note(endpoint, "network_error")
-            raise NetworkError(type(exc).__name__, never_sent=False) from None
-        self._note(endpoint, str(raw.status))
-        return HTTPResult(raw.status, raw.headers, raw.data)
+        return http_send(
+            self.http, method, url, headers=headers, body=body, timeout=self._timeout,
+            note=lambda result: self._note(endpoint, result),
+        )
 
     def _note(self, endpoint: str, result: str) -> None:
         if self._on_request is not None:

@@ -40,6 +40,15 @@ def rm_time(at: datetime) -> str:
     return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
 
 
+def serve_in_thread(app: Flask, host: str, port: int, threads: int, name: str):  # noqa: ANN201
+    """Serve a fake's app with waitress (HTTP/1.1 keep-alive) in a daemon thread; (server, base URL)."""
+    # Answers delayed past shutdown make waitress log socket errors; the fake's own log is what matters.
+    logging.getLogger("waitress").setLevel(logging.CRITICAL)
+    server = create_server(app, host=host, port=port, threads=threads, channel_timeout=30)
+    threading.Thread(target=server.run, name=name, daemon=True).start()
+    return server, f"http://{host}:{server.effective_port}"
+
+
 def voucher_object(code: str, status: str, updated: datetime, *, batch_key: str, label: str) -> dict[str, Any]:
     """A voucher in RM's shape (the callback sample on RM's voucher overview page), updated at ``updated``."""
     return {
@@ -590,11 +599,7 @@ class FakeRM:
         Waitress, not werkzeug's development server: it keeps HTTP/1.1 connections alive, as RM's
         servers do, and a new TCP connection per request would dominate every benchmark.
         """
-        # Answers delayed past shutdown make waitress log socket errors; the fake's own log is what matters.
-        logging.getLogger("waitress").setLevel(logging.CRITICAL)
-        self._server = create_server(self.app, host=host, port=port, threads=threads, channel_timeout=30)
-        self.base_url = f"http://{host}:{self._server.effective_port}"
-        threading.Thread(target=self._server.run, name="fake-rm", daemon=True).start()
+        self._server, self.base_url = serve_in_thread(self.app, host, port, threads, "fake-rm")
         return self.base_url
 
     def shutdown(self) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import random
 import threading
 import time
@@ -34,9 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
-from waitress.server import create_server
 
-from .fake_rm import Faults, LoggedRequest
+from .fake_rm import Faults, LoggedRequest, serve_in_thread
 
 PIN_ATTEMPTS = 3
 REQUIRED = "This field is required."
@@ -530,10 +528,7 @@ class FakeStamps:
 
     def serve(self, host: str = "127.0.0.1", port: int = 0, threads: int = 16) -> str:
         """Start serving in a background thread (waitress, keep-alive); return the base URL."""
-        logging.getLogger("waitress").setLevel(logging.CRITICAL)
-        self._server = create_server(self.app, host=host, port=port, threads=threads, channel_timeout=30)
-        self.base_url = f"http://{host}:{self._server.effective_port}"
-        threading.Thread(target=self._server.run, name="fake-stamps", daemon=True).start()
+        self._server, self.base_url = serve_in_thread(self.app, host, port, threads, "fake-stamps")
         return self.base_url
 
     def shutdown(self) -> None:

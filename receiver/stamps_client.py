@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import urllib3
 
-from .client import HTTPResult, NetworkError
+from .client import HTTPResult, NetworkError, http_send
 from .config import Settings
 
 SERVER_ERRORS = frozenset({500, 502, 503, 504})
@@ -210,19 +210,10 @@ class StampsClient:
         headers = {
             "Authorization": self._authorization, "Content-Type": "application/json", "Accept": "application/json",
         }
-        try:
-            raw = self.http.request(
-                "POST", url, headers=headers, body=body, timeout=self._timeout, retries=False, redirect=False
-            )
-        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
-            self._note(endpoint, "connect_error")
-            raise NetworkError(type(exc).__name__, never_sent=True) from None
-        except urllib3.exceptions.HTTPError as exc:
-            # Read timeouts and dropped connections: Stamps may have acted on the request.
-            self._note(endpoint, "network_error")
-            raise NetworkError(type(exc).__name__, never_sent=False) from None
-        self._note(endpoint, str(raw.status))
-        return HTTPResult(raw.status, raw.headers, raw.data)
+        return http_send(
+            self.http, "POST", url, headers=headers, body=body, timeout=self._timeout,
+            note=lambda result: self._note(endpoint, result),
+        )
 
     def _note(self, endpoint: str, result: str) -> None:
         if self._on_request is not None:
