@@ -223,6 +223,8 @@ class Runner:
             env = self.server_env(db.url)
             log(f"  database {db.url}")
             for phase, app in (("hello", HELLO_APP), ("minimal", MINIMAL_APP), ("project", PROJECT_APP)):
+                if phase not in a.apps:
+                    continue
                 log(f"  [{phase}] gunicorn {app!r}, {a.workers} workers")
                 with GunicornServer(app, env, self.workdir, f"{kind}-{phase}") as server:
                     before = db.counts()
@@ -402,20 +404,22 @@ def fmt_ms(v: float) -> str:
 
 
 def main_rows(plain: list[str], md: list[str], ph: dict[str, loadgen.PhaseResult]) -> None:
-    proj, mini, hello = ph["project"], ph["minimal"], ph["hello"]
+    proj, mini, hello = ph.get("project"), ph.get("minimal"), ph.get("hello")
     plain.append(f"  {'':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}   cores used: gunicorn  postgres  loadgen  other")
     for name, r in (("project", proj), ("minimal receiver", mini), ("hello world", hello)):
+        if r is None:
+            continue
         gen = r.cpu.get("wrk", r.cpu.get("loadgen", 0.0))
         plain.append(f"  {name:<22}{r.rate:>10,.1f}{fmt_ms(r.latency_ms['p50']):>9}{fmt_ms(r.latency_ms['p99']):>9}"
                      f"   {r.cpu.get('gunicorn', 0):>20.2f}{r.cpu.get('postgres', 0):>10.2f}{gen:>9.2f}"
                      f"{r.cpu.get('other', 0):>7.2f}")
-        ratio = proj.rate / r.rate if r.rate else float("nan")
+        ratio = proj.rate / r.rate if proj and r.rate else float("nan")
         md.append(f"| {name} | {r.rate:,.0f} | {fmt_ms(r.latency_ms['p50'])} | {fmt_ms(r.latency_ms['p99'])} | "
                   f"{ratio:.0%} | {cores(r)} |")
-    pm = proj.rate / mini.rate if mini.rate else float("nan")
-    ph_ = proj.rate / hello.rate if hello.rate else float("nan")
-    plain.append(f"  ratio project/minimal      {pm:.1%}")
-    plain.append(f"  ratio project/hello-world  {ph_:.1%}")
+    if proj and mini and mini.rate:
+        plain.append(f"  ratio project/minimal      {proj.rate / mini.rate:.1%}")
+    if proj and hello and hello.rate:
+        plain.append(f"  ratio project/hello-world  {proj.rate / hello.rate:.1%}")
     for key in [k for k in ph if k.startswith("fixed@")]:
         fixed = ph[key]
         e = fixed.extra
@@ -445,7 +449,7 @@ def tables(results: list[DbResults], args: argparse.Namespace) -> tuple[str, str
         md.append(f"\n**{res.kind}**\n")
         md.append("| | req/s | p50 ms | p99 ms | project ÷ this | cores: gunicorn / postgres / load gen / other |")
         md.append("|---|---:|---:|---:|---:|---|")
-        if "project" in ph:
+        if ph:
             main_rows(plain, md, ph)
         if res.growth:
             g = res.growth
@@ -548,13 +552,15 @@ def main() -> int:
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1 leaves the cores to the server)")
     parser.add_argument("--workers", type=int, default=(os.cpu_count() or 1) * 2 + 1,
                         help="WEB_CONCURRENCY for every server (default: gunicorn.conf.py's own 2 x cores + 1)")
-    parser.add_argument("--fixed-rate", type=lambda v: [float(x) for x in v.split(",")], default=[200.0],
+    parser.add_argument("--fixed-rate", type=lambda v: [float(x) for x in v.split(",") if x], default=[200.0],
                         help="offered callbacks/s in fixed-rate mode; several: 200,100 (default 200)")
     parser.add_argument("--fixed-duration", type=float, default=12.0)
     parser.add_argument("--fixed-lead-in", type=float, default=1.0, help="seconds at the start not counted")
     parser.add_argument("--mix", choices=("lifecycle", "new"), default="lifecycle",
                         help="lifecycle: VALID->ISSUE->REDEEMED per voucher (1 insert + 2 updates); new: new vouchers only")
     parser.add_argument("--log-level", default="INFO", help="server LOG_LEVEL (production default INFO)")
+    parser.add_argument("--apps", type=lambda v: v.split(","), default=["hello", "minimal", "project"],
+                        help="which servers to measure (default hello,minimal,project)")
     parser.add_argument("--growth", action="store_true", help="also measure ingest on empty vs 1M-event database")
     parser.add_argument("--growth-rows", type=int, default=1_000_000)
     parser.add_argument("--growth-only", action="store_true", help="only the growth measurement (implies --growth)")
