@@ -31,11 +31,14 @@ def _all() -> dict[int, tuple[str, int, float, int]]:
     return out
 
 
-def _machine() -> tuple[float, float]:
+def _machine() -> tuple[float, float, float]:
+    """(total, idle, steal) CPU seconds of the machine; steal: time the hypervisor gave our vCPUs to others."""
     with open("/proc/stat") as f:
         parts = [int(x) for x in f.readline().split()[1:]]
     idle = parts[3] + parts[4]
-    return sum(parts) / TICK, idle / TICK
+    steal = parts[7] if len(parts) > 7 else 0
+    # guest/guest_nice (parts[8:]) are already counted in user/nice.
+    return sum(parts[:8]) / TICK, idle / TICK, steal / TICK
 
 
 @dataclass
@@ -81,10 +84,12 @@ def usage(
     total = (after.machine[0] - before.machine[0])
     idle = (after.machine[1] - before.machine[1])
     ncpu = os.cpu_count() or 1
-    groups["machine_busy"] = (total - idle) / total * ncpu if total else 0.0
+    steal = after.machine[2] - before.machine[2]
+    groups["machine_busy"] = (total - idle - steal) / total * ncpu if total else 0.0
+    groups["steal"] = steal / total * ncpu if total else 0.0
     for name, seconds in (extra or {}).items():
         groups[name] = groups.get(name, 0.0) + seconds / wall
-    ours = sum(v for k, v in groups.items() if k != "machine_busy")
+    ours = sum(v for k, v in groups.items() if k not in ("machine_busy", "steal"))
     # Everything else on the machine (other sessions' processes, kernel work not charged to ours).
     groups["other"] = max(0.0, groups["machine_busy"] - ours)
     groups["wall"] = wall
@@ -109,10 +114,10 @@ def top_others(before: CpuSample, after: CpuSample, server_pid: int | None, n: i
 
 
 def machine_busy(seconds: float = 1.0) -> float:
-    """Cores busy on the whole machine over the next ``seconds``."""
-    t0, i0 = _machine()
+    """Cores busy on the whole machine over the next ``seconds`` (steal counts as busy: not ours to use)."""
+    t0, i0, _s0 = _machine()
     time.sleep(seconds)
-    t1, i1 = _machine()
+    t1, i1, _s1 = _machine()
     total = t1 - t0
     return (total - (i1 - i0)) / total * (os.cpu_count() or 1) if total else 0.0
 

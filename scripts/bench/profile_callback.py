@@ -189,6 +189,11 @@ def statement_label(sql: str) -> str:
 def profile_database(kind: str, args: argparse.Namespace, workdir: Path) -> None:
     log(f"\n================ {kind} ================")
     with Database(kind, "profile", args, workdir) as db:
+        if args.preload:
+            from bench.growth import load_history
+
+            log(f"\n(preloading {args.preload:,} voucher_events{' + deliveries' if args.preload_deliveries else ''})")
+            load_history(db.engine, args.preload, deliveries=args.preload_deliveries, log=log)
         key_file = workdir / "rm-public.pem"
         key_file.write_text(VECTORS["rm_server_public_pem"], encoding="utf-8")
         settings = load_settings({
@@ -200,6 +205,13 @@ def profile_database(kind: str, args: argparse.Namespace, workdir: Path) -> None
             app = create_app(settings)
         runtime = app.extensions[EXTENSION_KEY]
         engine = runtime.engine
+        if kind == "sqlite" and args.sqlite_cache_mb:
+            # An experiment, not the project's setting: a bigger page cache per connection (default 2 MB).
+            @event.listens_for(engine, "connect")
+            def _cache(dbapi_connection, _record) -> None:  # noqa: ANN001
+                dbapi_connection.execute(f"PRAGMA cache_size=-{args.sqlite_cache_mb * 1024}")
+
+            log(f"(experiment: PRAGMA cache_size = {args.sqlite_cache_mb} MB per connection)")
         trace = StatementTrace(engine, kind, workdir)
         client = app.test_client()
         signer = Signer(VECTORS["rm_server_private_pem"])
@@ -313,6 +325,10 @@ def main() -> int:
     parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", DEFAULT_PG))
     parser.add_argument("--callbacks", type=int, default=600)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--preload", type=int, default=0, help="bulk-load this many voucher_events first (growth)")
+    parser.add_argument("--preload-deliveries", action="store_true", help="...and as many webhook_deliveries")
+    parser.add_argument("--sqlite-cache-mb", type=int, default=0,
+                        help="experiment: PRAGMA cache_size for the app's SQLite connections (default: SQLite's 2 MB)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     for kind in (["postgresql", "sqlite"] if args.db == "both" else [args.db]):
