@@ -9,14 +9,15 @@ statements (compiled once, then cached) instead of loading ORM objects.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, text, update
+from sqlalchemy import Connection, Executable, Row, bindparam, exists, insert, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
+from .db import insert_unless_conflict
 from .metrics import note_apply
 from .models import Source, Voucher, VoucherEvent, utcnow
 from .snapshot import VoucherSnapshot
@@ -60,9 +61,16 @@ _APPLIED_COLUMNS = [
 ]
 
 # FOR UPDATE on PostgreSQL serialises deliveries for one code; on SQLite the transaction already
-# holds the write lock (BEGIN IMMEDIATE), and the clause compiles to nothing.
+# holds the write lock (BEGIN IMMEDIATE), and the clause compiles to nothing. The same round trip
+# says whether this snapshot was recorded before (and whether as applied): every writer of a
+# code's events holds this lock first, so the answer stays true until the commit.
+_SEEN = _E.c.voucher_code == bindparam("code"), _E.c.snapshot_sha256 == bindparam("sha")
 _LOCK = (
-    select(_V.c.id, _V.c.status, _V.c.rm_updated_ns, _V.c.snapshot_sha256, _V.c.needs_reconcile)
+    select(
+        _V.c.id, _V.c.status, _V.c.rm_updated_ns, _V.c.snapshot_sha256, _V.c.needs_reconcile,
+        exists().where(*_SEEN).label("seen"),
+        exists().where(*_SEEN, _E.c.outcome == Outcome.APPLIED.value).label("seen_applied"),
+    )
     .where(_V.c.code == bindparam("code"))
     .with_for_update()
 )
@@ -73,27 +81,32 @@ _CONFIRM = (
     .values(last_confirmed_at=bindparam("b_now"), needs_reconcile=False, rm_missing_at=None)
 )
 _FLAG = update(_V).where(_V.c.id == bindparam("b_id")).values(needs_reconcile=True)
-_PRIOR_OUTCOMES = select(_E.c.outcome).where(
-    _E.c.voucher_code == bindparam("code"), _E.c.snapshot_sha256 == bindparam("sha")
+_EVENT_COLUMNS = [c for c in _E.columns if c.name != "id"]
+_INSERT_EVENT = insert(_E).values({c.name: bindparam(f"e_{c.name}", type_=c.type) for c in _EVENT_COLUMNS}).returning(
+    _E.c.id
 )
-_INSERT_EVENT = insert(_E).returning(_E.c.id)
+# PostgreSQL runs a voucher write and its event in one statement (a data-modifying CTE), one
+# round trip instead of two; SQLite has no such CTEs and runs them in turn (in-process, cheap).
+_APPLY_AND_RECORD = _INSERT_EVENT.add_cte(_APPLY.cte("applied"))
 
 
-@functools.lru_cache(maxsize=1)
-def _insert_voucher():  # noqa: ANN202
-    # Hand-written because the dialects' on_conflict_do_nothing() constructs have no cache key, so
-    # SQLAlchemy would recompile them per voucher (measured: 2.5 ms each). This text is cached, and
-    # the typed bind parameters keep UTCDateTime's conversion. Same SQL on SQLite and PostgreSQL.
-    columns = [c for c in _V.columns if c.name != "id"]
-    names = ", ".join(f'"{c.name}"' for c in columns)
-    params = ", ".join(f":{c.name}" for c in columns)
-    sql = f"INSERT INTO {_V.name} ({names}) VALUES ({params}) ON CONFLICT (code) DO NOTHING RETURNING id"
-    return text(sql).bindparams(*(bindparam(c.name, type_=c.type) for c in columns))
+# The voucher's columns except the surrogate key; `code` is unique, so a concurrent insert is a conflict.
+_INSERT_VOUCHER = insert_unless_conflict(_V, [c.name for c in _V.columns if c.name != "id"])
+# PostgreSQL: the new voucher and its first event in one statement; no row back means the insert
+# conflicted (another transaction created the voucher) and no event was written.
+_INSERT_NEW_AND_RECORD = text(
+    f"WITH inserted AS ({_INSERT_VOUCHER.text}) "
+    f"INSERT INTO {_E.name} ({', '.join(c.name for c in _EVENT_COLUMNS)}) "
+    # Casts: a bare parameter in a SELECT list would be typed text, and NULLs would not fit the columns.
+    f"SELECT {', '.join(f'CAST(:e_{c.name} AS {c.type.compile(dialect=postgresql.dialect())})' for c in _EVENT_COLUMNS)}"
+    " FROM inserted RETURNING id"
+).bindparams(
+    *_INSERT_VOUCHER._bindparams.values(), *(bindparam(f"e_{c.name}", type_=c.type) for c in _EVENT_COLUMNS)
+)
 
 
-def _insert_new(session: Session, snapshot: VoucherSnapshot, source: Source, now: datetime) -> bool:
-    """Insert the voucher unless a concurrent transaction just did; True when this one inserted it."""
-    values = {
+def _new_voucher_values(snapshot: VoucherSnapshot, source: Source, now: datetime) -> dict[str, Any]:
+    return {
         "code": snapshot.code,
         **_snapshot_columns(snapshot),
         "last_source": source.value,
@@ -103,16 +116,13 @@ def _insert_new(session: Session, snapshot: VoucherSnapshot, source: Source, now
         "needs_reconcile": False,
         "rm_missing_at": None,
     }
-    # RETURNING, not rowcount: psycopg reports -1 for an ON CONFLICT insert whichever way it went.
-    return session.execute(_insert_voucher(), values).first() is not None
 
 
-def _already_recorded(session: Session, code: str, fingerprint: str, outcome: Outcome) -> bool:
+def _already_recorded(row: Row, outcome: Outcome) -> bool:
     """A snapshot seen before adds no event, unless it is now applied where before it was not."""
-    prior = set(session.scalars(_PRIOR_OUTCOMES, {"code": code, "sha": fingerprint}))
-    if not prior:
+    if not row.seen:
         return False
-    return outcome != Outcome.APPLIED or Outcome.APPLIED.value in prior
+    return outcome != Outcome.APPLIED or bool(row.seen_applied)
 
 
 def apply_snapshot(
@@ -134,12 +144,24 @@ def _apply(
 ) -> ApplyResult:
     # Anything other than a pushed callback is RM answering our own question: authoritative.
     authoritative = source is not Source.CALLBACK
-    row = session.execute(_LOCK, {"code": snapshot.code}).first()
+    # Core statements on the session's connection: same transaction, without the ORM's per-statement overhead.
+    conn = session.connection()
+    combine = conn.dialect.name == "postgresql"
+    lock_params = {"code": snapshot.code, "sha": snapshot.fingerprint}
+    row = conn.execute(_LOCK, lock_params).first()
     if row is None:
-        if _insert_new(session, snapshot, source, now):
-            decision = decide(None, _observed(snapshot))
-            return _record(session, None, snapshot, decision, source, delivery_id, now, changed=True)
-        row = session.execute(_LOCK, {"code": snapshot.code}).first()
+        decision = decide(None, _observed(snapshot))
+        event = _event_params(None, snapshot, decision, source, delivery_id, now)
+        voucher = _new_voucher_values(snapshot, source, now)
+        if combine:
+            event_id = conn.execute(_INSERT_NEW_AND_RECORD, {**voucher, **event}).scalar()
+            if event_id is not None:
+                return _result(None, snapshot, decision, event_id, changed=True)
+        # RETURNING, not rowcount: psycopg reports -1 for an ON CONFLICT insert whichever way it went.
+        elif conn.execute(_INSERT_VOUCHER, voucher).first() is not None:
+            return _record(conn, _INSERT_EVENT, event, None, snapshot, decision, changed=True)
+        # A concurrent transaction created the voucher first: apply on top of its row.
+        row = conn.execute(_LOCK, lock_params).first()
         assert row is not None, "voucher vanished after a conflicting insert"
 
     current = Observed(row.status, row.rm_updated_ns, row.snapshot_sha256)
@@ -147,9 +169,11 @@ def _apply(
 
     if decision.outcome is Outcome.DUPLICATE:
         if authoritative:
-            session.execute(_CONFIRM, {"b_id": row.id, "b_now": now})
+            conn.execute(_CONFIRM, {"b_id": row.id, "b_now": now})
         return ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=False)
 
+    record = not _already_recorded(row, decision.outcome)
+    event = _event_params(row.status, snapshot, decision, source, delivery_id, now) if record else {}
     if decision.apply:
         values = {
             **_snapshot_columns(snapshot),
@@ -161,13 +185,16 @@ def _apply(
             "needs_reconcile": bool(row.needs_reconcile) and not authoritative,
             "rm_missing_at": None,
         }
-        session.execute(_APPLY, {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}})
+        params = {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}}
+        if record and combine:
+            return _record(conn, _APPLY_AND_RECORD, {**params, **event}, row.status, snapshot, decision, changed=True)
+        conn.execute(_APPLY, params)
     elif decision.needs_reconcile:
-        session.execute(_FLAG, {"b_id": row.id})
+        conn.execute(_FLAG, {"b_id": row.id})
 
-    if _already_recorded(session, snapshot.code, snapshot.fingerprint, decision.outcome):
+    if not record:
         return ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=decision.apply)
-    return _record(session, row.status, snapshot, decision, source, delivery_id, now, changed=decision.apply)
+    return _record(conn, _INSERT_EVENT, event, row.status, snapshot, decision, changed=decision.apply)
 
 
 def record_not_found(session: Session, code: str, *, source: Source, now: datetime | None = None) -> ApplyResult | None:
@@ -199,33 +226,46 @@ def record_not_found(session: Session, code: str, *, source: Source, now: dateti
     return ApplyResult(code, Outcome.NOT_FOUND, voucher.status, voucher.status, event.id, changed=True)
 
 
-def _record(
-    session: Session,
+def _event_params(
     from_status: str | None,
     snapshot: VoucherSnapshot,
     decision: Decision,
     source: Source,
     delivery_id: int | None,
     now: datetime,
+) -> dict[str, Any]:
+    return {
+        "e_voucher_code": snapshot.code,
+        "e_from_status": from_status,
+        "e_to_status": snapshot.status,
+        "e_rm_updated_at": snapshot.rm_updated_at,
+        "e_source": source.value,
+        "e_outcome": decision.outcome.value,
+        "e_delivery_id": delivery_id,
+        "e_recorded_at": now,
+        "e_payload": snapshot.raw,
+        "e_snapshot_sha256": snapshot.fingerprint,
+        "e_detail": decision.reason or None,
+    }
+
+
+def _record(
+    conn: Connection,
+    statement: Executable,
+    params: dict[str, Any],
+    from_status: str | None,
+    snapshot: VoucherSnapshot,
+    decision: Decision,
     *,
     changed: bool,
 ) -> ApplyResult:
-    event_id = session.execute(
-        _INSERT_EVENT,
-        {
-            "voucher_code": snapshot.code,
-            "from_status": from_status,
-            "to_status": snapshot.status,
-            "rm_updated_at": snapshot.rm_updated_at,
-            "source": source.value,
-            "outcome": decision.outcome.value,
-            "delivery_id": delivery_id,
-            "recorded_at": now,
-            "payload": snapshot.raw,
-            "snapshot_sha256": snapshot.fingerprint,
-            "detail": decision.reason or None,
-        },
-    ).scalar_one()
+    """Run the statement that writes the event (and maybe the voucher) and describe what happened."""
+    return _result(from_status, snapshot, decision, conn.execute(statement, params).scalar_one(), changed=changed)
+
+
+def _result(
+    from_status: str | None, snapshot: VoucherSnapshot, decision: Decision, event_id: int, *, changed: bool
+) -> ApplyResult:
     return ApplyResult(
         code=snapshot.code,
         outcome=decision.outcome,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, Table, TextClause, bindparam, create_engine, event, exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -51,13 +52,43 @@ def make_engine(
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_timeout=5,
-            # A dead connection after a database restart is replaced instead of failing a request.
-            pool_pre_ping=True,
             pool_recycle=1800,
             connect_args={"connect_timeout": 5, "application_name": "rm-voucher-sync"},
         )
+        _ping_when_idle(engine)
     _engines.add(engine)
     return engine
+
+
+# A pooled connection unused for longer than this is checked before use.
+PING_AFTER_IDLE_SECONDS = 5.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a pooled connection only when it sat idle: a dead one after a database restart is replaced.
+
+    SQLAlchemy's pool_pre_ping costs a round trip on every checkout, i.e. on every callback. A
+    connection that came back to the pool moments ago was alive moments ago; if it died since,
+    the request fails with a disconnect error (a 503 that RM retries), and SQLAlchemy replaces
+    every connection older than that failure.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection, record) -> None:  # noqa: ANN001
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection, record, _proxy) -> None:  # noqa: ANN001
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception:  # noqa: BLE001 - any failure means this connection is unusable
+            alive = False
+        if not alive:
+            # The pool discards this connection and checks out (connects) another one.
+            raise exc.DisconnectionError("pooled connection was dead")
 
 
 def _sqlite_engine(url: str, database: str | None, synchronous: str, busy_timeout: float) -> Engine:
@@ -86,6 +117,21 @@ def _sqlite_engine(url: str, database: str | None, synchronous: str, busy_timeou
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def insert_unless_conflict(table: Table, column_names: list[str]) -> TextClause:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` for these columns: the id, or no row on a conflict.
+
+    Hand-written because the dialects' on_conflict_do_nothing() constructs have no cache key, so
+    SQLAlchemy would recompile them on every execution (measured: 2.5 ms each). A text clause is
+    compiled once; typed bind parameters keep the column types' conversions. Same SQL on SQLite
+    and PostgreSQL. Without a conflict target any unique constraint counts as a conflict.
+    """
+    columns = [table.c[name] for name in column_names]
+    names = ", ".join(f'"{c.name}"' for c in columns)
+    params = ", ".join(f":{c.name}" for c in columns)
+    sql = f"INSERT INTO {table.name} ({names}) VALUES ({params}) ON CONFLICT DO NOTHING RETURNING id"
+    return text(sql).bindparams(*(bindparam(c.name, type_=c.type) for c in columns))
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

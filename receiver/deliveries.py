@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -16,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .apply import ApplyResult, apply_snapshot
+from .db import insert_unless_conflict
 from .models import DeliveryOutcome, Source, WebhookDelivery, utcnow
 from .snapshot import VoucherSnapshot
 from .state_machine import Outcome
@@ -84,7 +86,7 @@ class IncomingCallback:
     complete: bool = True
     received_at: datetime = field(default_factory=utcnow)
 
-    @property
+    @functools.cached_property
     def body_sha256(self) -> str:
         """Hash of the exact bytes received."""
         return hashlib.sha256(self.body).hexdigest()
@@ -154,6 +156,11 @@ def _delivery_values(incoming: IncomingCallback, *, body_limit: int = MAX_BODY_B
 # Every callback runs these; built once so SQLAlchemy compiles them once (see apply.py).
 _D = WebhookDelivery.__table__
 _INSERT = insert(_D).returning(_D.c.id)
+# A verified delivery conflicts with an earlier one of the same bytes (dedupe_key) or of the same
+# signed nonce; either way no row comes back and the rare path below looks at what is there.
+_INSERT_VERIFIED = insert_unless_conflict(
+    _D, [c.name for c in _D.columns if c.name not in ("id", "replayed_at", "purged_at")]
+)
 _PRIOR = (
     select(_D.c.id, _D.c.outcome, _D.c.dedupe_key, _D.c.body_sha256, _D.c.nonce)
     .where(or_(_D.c.dedupe_key == bindparam("sha"), and_(_D.c.nonce == bindparam("nonce"), _D.c.signature_verified)))
@@ -196,34 +203,40 @@ def accept_verified(session: Session, incoming: IncomingCallback, snapshot: Vouc
     """Record a signature-verified delivery and apply its snapshot, in the caller's transaction.
 
     A redelivery of the same bytes bumps ``attempts`` and has no new effect, unless the earlier
-    attempt failed on our side, in which case it is applied now. One query finds both an earlier
-    delivery of these bytes and a signed nonce reused for other bytes.
+    attempt failed on our side, in which case it is applied now. A signed nonce reused for other
+    bytes is a replayed signature. New deliveries, the common case, cost one insert: only when it
+    conflicts does a second query find out which of those it was.
     """
     sha = incoming.body_sha256
-    rows = session.execute(_PRIOR, {"sha": sha, "nonce": incoming.nonce}).all()
-    if any(row.nonce == incoming.nonce and row.body_sha256 != sha for row in rows):
-        raise NonceReused("X-Nonce-Str was already used with a different body")
-    prior = next((row for row in rows if row.dedupe_key == sha), None)
-    if prior is not None:
-        attempts = session.execute(_BUMP, {"b_id": prior.id, "b_now": incoming.received_at}).scalar_one()
+    # Built before the first statement: on SQLite that statement takes the database's write lock.
+    values = _delivery_values(
+        incoming,
+        dedupe_key=sha,
+        outcome=DeliveryOutcome.ACCEPTED.value,
+        http_status=200,
+        voucher_code=snapshot.code,
+        signature_verified=True,
+    )
+    conn = session.connection()
+    delivery_id = conn.execute(_INSERT_VERIFIED, values).scalar()
+    prior = None
+    attempts = 1
+    if delivery_id is None:
+        rows = conn.execute(_PRIOR, {"sha": sha, "nonce": incoming.nonce}).all()
+        if any(row.nonce == incoming.nonce and row.body_sha256 != sha for row in rows):
+            raise NonceReused("X-Nonce-Str was already used with a different body")
+        prior = next((row for row in rows if row.dedupe_key == sha), None)
+        if prior is None:
+            raise RuntimeError("the delivery insert conflicted, but no earlier delivery matches it")
+        attempts = conn.execute(_BUMP, {"b_id": prior.id, "b_now": incoming.received_at}).scalar_one()
         if prior.outcome != DeliveryOutcome.ERROR.value:
             return CallbackResult(DeliveryOutcome.DUPLICATE, prior.id, attempts)
         delivery_id = prior.id
-    else:
-        values = _delivery_values(
-            incoming,
-            dedupe_key=sha,
-            outcome=DeliveryOutcome.ACCEPTED.value,
-            http_status=200,
-            voucher_code=snapshot.code,
-            signature_verified=True,
-        )
-        delivery_id, attempts = session.execute(_INSERT, values).scalar_one(), 1
 
     result = apply_snapshot(session, snapshot, source=Source.CALLBACK, delivery_id=delivery_id, now=incoming.received_at)
     status = _STATUS_FOR_OUTCOME[result.outcome]
     if prior is not None or status is not DeliveryOutcome.ACCEPTED:
-        session.execute(_SET_OUTCOME, {"b_id": delivery_id, "b_outcome": status.value})
+        conn.execute(_SET_OUTCOME, {"b_id": delivery_id, "b_outcome": status.value})
     return CallbackResult(status, delivery_id, attempts, result)
 
 

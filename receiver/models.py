@@ -181,8 +181,11 @@ class VoucherEvent(Base):
     __table_args__ = (
         UniqueConstraint("voucher_code", "snapshot_sha256", "outcome"),
         CheckConstraint(_in("outcome", EVENT_OUTCOMES), name="outcome"),
-        Index("ix_voucher_events_voucher_code_id", "voucher_code", "id"),
-        Index("ix_voucher_events_outcome_recorded_at", "outcome", "recorded_at"),
+        # Operators look for the rare outcomes (illegal, stale, not found ...): applied events skip this index.
+        Index(
+            "ix_voucher_events_unusual_outcome_recorded_at", "outcome", "recorded_at",
+            sqlite_where=text("outcome <> 'applied'"), postgresql_where=text("outcome <> 'applied'"),
+        ),
     )
 
 
@@ -202,7 +205,7 @@ class WebhookDelivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     voucher_code: Mapped[str | None] = mapped_column(String(128), index=True)
     signature_verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    nonce: Mapped[str | None] = mapped_column(String(128), index=True)
+    nonce: Mapped[str | None] = mapped_column(String(128))
     remote_addr: Mapped[str | None] = mapped_column(String(64))
     content_type: Mapped[str | None] = mapped_column(String(255))
     headers: Mapped[str | None] = mapped_column(Text)
@@ -217,7 +220,16 @@ class WebhookDelivery(Base):
     __table_args__ = (
         CheckConstraint(_in("outcome", DeliveryOutcome), name="outcome"),
         Index("ix_webhook_deliveries_purged_at_received_at", "purged_at", "received_at"),
-        Index("ix_webhook_deliveries_outcome_received_at", "outcome", "received_at"),
+        # Errors and rejections are what operators look for; accepted deliveries skip this index.
+        Index(
+            "ix_webhook_deliveries_unusual_outcome_received_at", "outcome", "received_at",
+            sqlite_where=text("outcome <> 'accepted'"), postgresql_where=text("outcome <> 'accepted'"),
+        ),
+        # A verified nonce is never accepted twice: the delivery insert itself detects a replayed signature.
+        Index(
+            "uq_webhook_deliveries_verified_nonce", "nonce", unique=True,
+            sqlite_where=text("signature_verified = 1"), postgresql_where=text("signature_verified"),
+        ),
     )
 
 

@@ -1,0 +1,67 @@
+"""Indexes for the callback hot path: fewer index writes per callback, one statement to detect replays.
+
+- A signed nonce is unique among verified deliveries, so the callback insert (ON CONFLICT DO
+  NOTHING) learns in one statement that a delivery is new, instead of first looking up earlier
+  deliveries by body hash and nonce. Rejected deliveries are not indexed: their nonces are
+  attacker-chosen and never looked up.
+- Operators look for unusual outcomes (errors, rejections; illegal, stale, not-found events),
+  which are a small fraction of rows: partial indexes over those replace full ones, so the
+  common accepted delivery and applied event do not pay for them.
+- voucher_events (voucher_code, id) duplicated the unique (voucher_code, snapshot_sha256, outcome)
+  index's leading column; a voucher's few events are found through that one.
+
+Measured on PostgreSQL (scripts/bench): each secondary index costs about 0.07 ms of server CPU per callback.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-22
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.drop_index("ix_webhook_deliveries_nonce", table_name="webhook_deliveries")
+    op.create_index(
+        "uq_webhook_deliveries_verified_nonce",
+        "webhook_deliveries",
+        ["nonce"],
+        unique=True,
+        sqlite_where=sa.text("signature_verified = 1"),
+        postgresql_where=sa.text("signature_verified"),
+    )
+    op.drop_index("ix_webhook_deliveries_outcome_received_at", table_name="webhook_deliveries")
+    op.create_index(
+        "ix_webhook_deliveries_unusual_outcome_received_at",
+        "webhook_deliveries",
+        ["outcome", "received_at"],
+        sqlite_where=sa.text("outcome <> 'accepted'"),
+        postgresql_where=sa.text("outcome <> 'accepted'"),
+    )
+    op.drop_index("ix_voucher_events_outcome_recorded_at", table_name="voucher_events")
+    op.create_index(
+        "ix_voucher_events_unusual_outcome_recorded_at",
+        "voucher_events",
+        ["outcome", "recorded_at"],
+        sqlite_where=sa.text("outcome <> 'applied'"),
+        postgresql_where=sa.text("outcome <> 'applied'"),
+    )
+    op.drop_index("ix_voucher_events_voucher_code_id", table_name="voucher_events")
+
+
+def downgrade() -> None:
+    op.create_index("ix_voucher_events_voucher_code_id", "voucher_events", ["voucher_code", "id"])
+    op.drop_index("ix_voucher_events_unusual_outcome_recorded_at", table_name="voucher_events")
+    op.create_index("ix_voucher_events_outcome_recorded_at", "voucher_events", ["outcome", "recorded_at"])
+    op.drop_index("ix_webhook_deliveries_unusual_outcome_received_at", table_name="webhook_deliveries")
+    op.create_index("ix_webhook_deliveries_outcome_received_at", "webhook_deliveries", ["outcome", "received_at"])
+    op.drop_index("uq_webhook_deliveries_verified_nonce", table_name="webhook_deliveries")
+    op.create_index("ix_webhook_deliveries_nonce", "webhook_deliveries", ["nonce"])
