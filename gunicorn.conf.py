@@ -15,7 +15,6 @@ if Path(".env").is_file():
 # Sync workers: each callback is a short CPU + database burst, and a worker per request keeps a
 # slow database from stalling others beyond its own request.
 worker_class = "sync"
-workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count() * 2 + 1)
 # A request waits at most SQLITE_BUSY_TIMEOUT_SECONDS (10 s) or the PostgreSQL pool/connect
 # timeouts (5 s); the worker timeout must be longer so those become 503s, not killed workers.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 30)
@@ -28,6 +27,16 @@ for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
     stale.unlink()
 graceful_timeout = 20
 keepalive = 5
+
+# Imported only now: importing the receiver package loads prometheus_client, which must already
+# see PROMETHEUS_MULTIPROC_DIR, or every worker would count in its own memory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from receiver.config import default_web_concurrency  # noqa: E402
+
+workers = int(
+    os.environ.get("WEB_CONCURRENCY")
+    or default_web_concurrency(os.environ.get("DATABASE_URL"), multiprocessing.cpu_count())
+)
 
 
 def on_starting(server):  # noqa: ANN001, ANN201

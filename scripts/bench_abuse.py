@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from receiver.config import default_web_concurrency  # noqa: E402
 from receiver.db import normalise_url  # noqa: E402
 from receiver.models import WebhookDelivery  # noqa: E402
 from scripts.bench.callbacks import Record, signed_records  # noqa: E402
@@ -86,7 +87,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--forged-rate", type=float, default=1000.0)
     parser.add_argument("--genuine-rate", type=float, default=50.0)
-    parser.add_argument("--workers", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=None, help="default: gunicorn.conf.py's for the database")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-abuse-"))
@@ -106,7 +107,8 @@ def main() -> int:
     genuine = signed_records(genuine_count, "lifecycle")
     half = len(genuine) // 2
     forged = forged_records(int(args.forged_rate * args.seconds))
-    server = Gunicorn(fresh_settings_env(url, VECTORS, work, LOG_LEVEL="WARNING"), workers=args.workers).start()
+    workers = args.workers or default_web_concurrency(url, os.cpu_count() or 1)
+    server = Gunicorn(fresh_settings_env(url, VECTORS, work, LOG_LEVEL="WARNING"), workers=workers).start()
     pid = server.proc.pid if server.proc else None
     try:
         size0 = db_size(url, sqlite_path)
@@ -128,7 +130,7 @@ def main() -> int:
             drop_postgres_database(admin, url)
 
     kind = make_url(url).get_backend_name()
-    print(f"\ndatabase: {kind}, gunicorn workers: {args.workers}, REJECTED_DELIVERIES_PER_MINUTE: 120 (default)")
+    print(f"\ndatabase: {kind}, gunicorn workers: {workers}, REJECTED_DELIVERIES_PER_MINUTE: 120 (default)")
     for phase in (alone, under):
         lat = phase.latency_ms
         print(f"{phase.label:<22} {phase.statuses}  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  "

@@ -59,7 +59,10 @@ from bench.callbacks import VECTORS, Record, signed_records, write_request_file 
 from bench.databases import DEFAULT_PG, Database  # noqa: E402
 from bench.growth import load_history  # noqa: E402
 from bench.server import HELLO_APP, MINIMAL_APP, PROJECT_APP, GunicornServer  # noqa: E402
+from receiver.config import default_web_concurrency  # noqa: E402
 from receiver.db import normalise_url  # noqa: E402
+
+CORES_NOTE = "PostgreSQL 2 x cores + 1, SQLite cores + 1"
 
 
 def log(message: str = "") -> None:
@@ -95,7 +98,8 @@ class Runner:
             "RM_SERVER_PUBLIC_KEY_FILE": str(self.key_file),
             "RM_SIGNATURE_MAX_AGE_SECONDS": "900",
             "LOG_LEVEL": self.args.log_level,
-            "WEB_CONCURRENCY": str(self.args.workers),
+            # The same count for all three apps on one database: gunicorn.conf.py's default for it.
+            "WEB_CONCURRENCY": str(self.args.workers or default_web_concurrency(url, os.cpu_count() or 1)),
         }
 
     def _records(self, count: int) -> list[Record]:
@@ -242,7 +246,7 @@ class Runner:
             for phase, app in (("hello", HELLO_APP), ("minimal", MINIMAL_APP), ("project", PROJECT_APP)):
                 if phase not in a.apps:
                     continue
-                log(f"  [{phase}] gunicorn {app!r}, {a.workers} workers")
+                log(f"  [{phase}] gunicorn {app!r}, {env['WEB_CONCURRENCY']} workers")
                 with GunicornServer(app, env, self.workdir, f"{kind}-{phase}") as server:
                     before = db.counts()
                     result = self.max_throughput(server, phase, wrap=(phase == "hello"))
@@ -456,7 +460,8 @@ def cores(r: loadgen.PhaseResult) -> str:
 def tables(results: list[DbResults], args: argparse.Namespace) -> tuple[str, str]:
     plain: list[str] = []
     md: list[str] = []
-    conf = (f"gunicorn.conf.py, WEB_CONCURRENCY={args.workers} sync workers, {os.cpu_count()} cores, "
+    workers = f"WEB_CONCURRENCY={args.workers}" if args.workers else "gunicorn.conf.py's default worker count"
+    conf = (f"gunicorn.conf.py, {workers} (sync; {CORES_NOTE}), {os.cpu_count()} cores, "
             f"{'wrk -t%d -c%d' % (args.wrk_threads, args.connections) if loadgen.wrk_path() and not args.python_loadgen else 'python loadgen'}, "
             f"{args.duration:g}s timed after {args.warmup:g}s warm-up, mix={args.mix}, LOG_LEVEL={args.log_level}")
     plain.append(conf)
@@ -568,8 +573,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up before each timed phase")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (max-throughput mode)")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1 leaves the cores to the server)")
-    parser.add_argument("--workers", type=int, default=(os.cpu_count() or 1) * 2 + 1,
-                        help="WEB_CONCURRENCY for every server (default: gunicorn.conf.py's own 2 x cores + 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="WEB_CONCURRENCY for every server (default: gunicorn.conf.py's own for the database: "
+                             "2 x cores + 1 on PostgreSQL, cores + 1 on SQLite)")
     parser.add_argument("--fixed-rate", type=lambda v: [float(x) for x in v.split(",") if x], default=[200.0],
                         help="offered callbacks/s in fixed-rate mode; several: 200,100 (default 200)")
     parser.add_argument("--fixed-duration", type=float, default=12.0)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.config import ConfigError, load_settings
+from receiver.config import ConfigError, default_web_concurrency, load_settings
 
 
 def _base(vectors: dict) -> dict[str, str]:
@@ -96,3 +96,10 @@ def test_env_example_lists_every_variable_the_code_reads() -> None:
     listed = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", (root / ".env.example").read_text(), re.M))
     assert read - listed == set(), "variables read but not documented in .env.example"
     assert listed - read == set(), "variables documented but never read"
+
+
+def test_default_worker_count_is_smaller_on_sqlite() -> None:
+    """SQLite has one writer at a time: gunicorn.conf.py starts cores + 1 workers there, 2 x cores + 1 elsewhere."""
+    assert default_web_concurrency(None, 2) == 3  # the embedded default database is SQLite
+    assert default_web_concurrency("sqlite:///instance/receiver.db", 4) == 5
+    assert default_web_concurrency("postgresql://root@127.0.0.1/db", 2) == 5

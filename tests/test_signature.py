@@ -6,6 +6,8 @@ import base64
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from receiver import signature as sig
 
@@ -170,3 +172,25 @@ def test_sign_request_uses_fresh_nonces(vectors: dict) -> None:
 def test_canonical_json_matches_go_escaping() -> None:
     assert sig.canonical_json({"k": "<>&\u2028\u2029é\"\\\n"}) == '{"k":"\\u003c\\u003e\\u0026\\u2028\\u2029é\\"\\\\\\n"}'
     assert json.loads(sig.canonical_json({"z": [1, {"b": None, "a": True}]})) == {"z": [1, {"a": True, "b": None}]}
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**30), 10**30)
+    | st.text(alphabet=st.sampled_from("ab<>&\u2028\u2029\"\\\n\x01é漢😀")) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(value=_json_values, ascii_only=st.booleans(), indent=st.sampled_from([None, 2]))
+def test_canonical_body_fast_path_equals_literal_encoder(value, ascii_only, indent) -> None:  # noqa: ANN001
+    """The json.dumps fast path used on every callback writes exactly what the literal-keeping encoder writes."""
+    body = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
+    expected = None if value is None or value == {} else sig.canonical_json(sig._loads_literal(body), ascii_only=ascii_only)
+    assert sig.canonical_body(body, ascii_only=ascii_only) == expected
+
+
+def test_canonical_body_keeps_fractions_exponents_and_negative_zero_as_written() -> None:
+    body = '{"b": 1.50, "a": -0, "c": 1E+2, "d": [0.1, 10]}'
+    assert sig.canonical_body(body) == '{"a":-0,"b":1.50,"c":1E+2,"d":[0.1,10]}'
