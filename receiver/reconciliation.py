@@ -165,7 +165,12 @@ class Reconciler:
         in_flight: set[Future[_Fetched]] = set()
         source = iter(codes)
         exhausted = False
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="reconcile") as pool:
+        # Twice as many threads as calls: a thread signs its next request or reads its last answer
+        # while `concurrency` others wait on RM, and the client's cap keeps RM at `concurrency`.
+        with (
+            self.client.in_flight_cap(self.concurrency),
+            ThreadPoolExecutor(self.concurrency * 2, thread_name_prefix="reconcile") as pool,
+        ):
             while True:
                 while not exhausted and len(in_flight) < window and not self.should_stop():
                     code = next(source, None)

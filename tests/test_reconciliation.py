@@ -221,3 +221,22 @@ def test_memory_bounded_pipeline_keeps_order_irrelevant(db, fake_rm, rm_client) 
     result = reconcile_codes(db, rm_client, codes, concurrency=3, trigger="test")
     assert result.checked == 300 and result.failed == 0 and result.changed == 0
     assert sorted(r.code for r in fake_rm.requests_for("get_voucher")) == sorted(codes)
+
+
+def test_pass_keeps_exactly_concurrency_requests_at_rm(db, fake_rm, rm_client) -> None:  # noqa: ANN001
+    """Twice as many threads sign and parse, but RM never sees more than `concurrency` lookups at once."""
+    for i in range(40):
+        _seed(db, fake_rm, f"CAP{i:02d}", "ISSUE")
+    fake_rm.faults.latency = 0.05
+    fake_rm.log.clear()
+    result = reconcile_due(db, rm_client, stale_after_seconds=0, concurrency=4, trigger="test")
+    assert result.checked == 40 and result.failed == 0
+    edges = sorted(
+        [(r.started, 1) for r in fake_rm.requests_for("get_voucher")]
+        + [(r.finished, -1) for r in fake_rm.requests_for("get_voucher")]
+    )
+    in_flight = peak = 0
+    for _at, step in edges:
+        in_flight += step
+        peak = max(peak, in_flight)
+    assert peak == 4
