@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any, Mapping
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -36,14 +37,36 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _parse(body: bytes) -> VoucherSnapshot:
+def _voucher_item(body: bytes) -> Mapping[str, Any]:
+    """Just enough parsing to tell a voucher callback from something else (400): JSON, envelope, a code.
+
+    The full snapshot is built only once the signature holds, so a forged flood costs no more than this.
+    """
     try:
         document = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except RecursionError:
         raise SnapshotError("body is nested too deeply") from None
     except (UnicodeDecodeError, ValueError):
         raise SnapshotError("body is not UTF-8 JSON") from None
-    return snapshot_from_item(voucher_item_from_envelope(document))
+    item = voucher_item_from_envelope(document)
+    if not isinstance(item, Mapping):
+        raise SnapshotError("voucher object must be a JSON object")
+    code = item.get("code")
+    if not isinstance(code, str) or not code.strip():
+        raise SnapshotError("voucher object has no code")
+    return item
+
+
+def _malformed(incoming: IncomingCallback, exc: Exception, voucher_code: str | None = None) -> tuple[Response, int]:
+    """400 for a body that is not a usable voucher callback; input we did not foresee is logged as such."""
+    if isinstance(exc, SnapshotError):
+        error = detail = str(exc)
+    else:
+        log.exception("unexpected error parsing a callback body")
+        detail = "body could not be parsed as an RM voucher callback"
+        error = f"{detail}: {type(exc).__name__}"
+    return _reject(incoming, 400, DeliveryOutcome.REJECTED_MALFORMED, error, {"error": "malformed", "detail": detail},
+                   voucher_code=voucher_code)
 
 
 def _reject(
@@ -93,17 +116,13 @@ def voucher_callback() -> tuple[Response, int]:
             {"error": "unsupported_media_type", "detail": "Content-Type must be application/json"},
         )
     try:
-        snapshot = _parse(body)
-    except SnapshotError as exc:
-        return _reject(
-            incoming, 400, DeliveryOutcome.REJECTED_MALFORMED, str(exc), {"error": "malformed", "detail": str(exc)}
-        )
-    except Exception as exc:  # noqa: BLE001 - input our parser did not foresee is still the sender's fault
-        log.exception("unexpected error parsing a callback body")
-        detail = "body could not be parsed as an RM voucher callback"
-        return _reject(incoming, 400, DeliveryOutcome.REJECTED_MALFORMED, f"{detail}: {type(exc).__name__}",
-                       {"error": "malformed", "detail": detail})
+        item = _voucher_item(body)
+    except Exception as exc:  # noqa: BLE001 - whatever the parser trips on is the sender's fault
+        return _malformed(incoming, exc)
 
+    # What the body claims, for a rejected delivery's row: not validated yet, so bounded and made storable
+    # (lone surrogates and NUL cannot be written to PostgreSQL text).
+    claimed_code = item["code"].strip()[:128].encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
     if runtime.server_public_key is not None:
         try:
             verify_signed(
@@ -118,14 +137,19 @@ def voucher_callback() -> tuple[Response, int]:
         except SignatureError as exc:
             return _reject(
                 incoming, 401, DeliveryOutcome.REJECTED_SIGNATURE, str(exc), {"error": "invalid_signature"},
-                voucher_code=snapshot.code,
+                voucher_code=claimed_code,
             )
         except Exception as exc:  # noqa: BLE001 - whatever breaks verification, the callback is not proven
             log.exception("unexpected error verifying a callback signature")
             return _reject(
                 incoming, 401, DeliveryOutcome.REJECTED_SIGNATURE, f"verification failed: {type(exc).__name__}",
-                {"error": "invalid_signature"}, voucher_code=snapshot.code,
+                {"error": "invalid_signature"}, voucher_code=claimed_code,
             )
+
+    try:
+        snapshot = snapshot_from_item(item)
+    except Exception as exc:  # noqa: BLE001 - a signed but unusable voucher object is still a 400
+        return _malformed(incoming, exc, claimed_code)
 
     try:
         result = deliveries.receive_verified(runtime.sessions, incoming, snapshot)

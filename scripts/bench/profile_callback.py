@@ -239,7 +239,8 @@ def profile_database(kind: str, args: argparse.Namespace, workdir: Path) -> None
         import receiver.webhook as webhook_mod
 
         timers.wrap(webhook_mod, "verify_signed", "verify signature (RSA + canonical JSON)")
-        timers.wrap(webhook_mod, "_parse", "parse JSON + snapshot")
+        timers.wrap(webhook_mod, "_voucher_item", "parse JSON (envelope, code)")
+        timers.wrap(webhook_mod, "snapshot_from_item", "build the snapshot")
         from sqlalchemy.orm import Session
 
         timers.wrap(deliveries_mod, "receive_verified", "= receive_verified: the whole DB transaction")
