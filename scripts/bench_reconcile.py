@@ -10,6 +10,7 @@ memory. Usage (from the repository, after scripts/test or scripts/run made .venv
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
@@ -18,16 +19,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import requests  # noqa: E402
 
+from bench import cpu  # noqa: E402  (scripts/bench)
 from receiver.backfill import backfill  # noqa: E402
 from receiver.client import RMClient  # noqa: E402
 from receiver.config import load_settings  # noqa: E402
 from receiver.db import make_engine, make_session_factory  # noqa: E402
 from receiver.reconciliation import reconcile_due  # noqa: E402
 from tests.support import free_port, migrate, wait_http  # noqa: E402
+
+
+def _process_cores(before: cpu.CpuSample, after: cpu.CpuSample, pid: int) -> float:
+    """Cores one process used between two samples."""
+    return (after.procs[pid][2] - before.procs[pid][2]) / (after.wall - before.wall)
 
 
 def main() -> int:
@@ -67,9 +74,11 @@ def main() -> int:
         requests.post(base + "/_fake/faults", json={"latency": args.latency_ms / 1000}, timeout=5)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+        before = cpu.sample()
         summary = reconcile_due(
             factory, client, stale_after_seconds=0, concurrency=args.concurrency, trigger="benchmark"
         )
+        after = cpu.sample()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rate = summary.checked / summary.seconds
         limit = args.concurrency / (args.latency_ms / 1000)
@@ -79,6 +88,12 @@ def main() -> int:
         print(f"theoretical limit: {limit:.1f} vouchers/s (concurrency {args.concurrency} / latency {args.latency_ms:.0f} ms)")
         print(f"ratio:             {rate / limit:.1%} of the limit (target >= 90%)")
         print(f"peak RSS:          {peak:.0f} MB (before the pass {rss_before:.0f} MB; target < 200 MB)")
+        # The reconciler and the fake RM share the machine's cores; steal is time the hypervisor gave
+        # them to other tenants. A pass with steal above ~0.05 cores runs measurably slower.
+        used = cpu.usage(before, after, None)
+        mine, fake_rm = _process_cores(before, after, os.getpid()), _process_cores(before, after, fake.pid)
+        print(f"cores used:        reconciler {mine:.2f}, fake RM {fake_rm:.2f}, whole machine "
+              f"{used['machine_busy']:.2f}, steal {used['steal']:.2f}")
         engine.dispose()
         return 0 if summary.failed == 0 else 1
     finally:
