@@ -28,31 +28,31 @@ branch_labels = None
 depends_on = None
 
 
+def _partial_index(name: str, table: str, columns: list[str], where: dict[str, str], unique: bool = False) -> None:
+    """One partial index; SQLite and PostgreSQL spell booleans differently, hence a predicate per dialect."""
+    op.create_index(
+        name, table, columns, unique=unique,
+        sqlite_where=sa.text(where["sqlite"]), postgresql_where=sa.text(where["postgresql"]),
+    )
+
+
 def upgrade() -> None:
     op.drop_index("ix_webhook_deliveries_nonce", table_name="webhook_deliveries")
-    op.create_index(
-        "uq_webhook_deliveries_verified_nonce",
-        "webhook_deliveries",
-        ["nonce"],
-        unique=True,
-        sqlite_where=sa.text("signature_verified = 1"),
-        postgresql_where=sa.text("signature_verified"),
+    _partial_index(
+        "uq_webhook_deliveries_verified_nonce", "webhook_deliveries", ["nonce"], unique=True,
+        where={"sqlite": "signature_verified = 1", "postgresql": "signature_verified"},
     )
     op.drop_index("ix_webhook_deliveries_outcome_received_at", table_name="webhook_deliveries")
-    op.create_index(
-        "ix_webhook_deliveries_unusual_outcome_received_at",
-        "webhook_deliveries",
-        ["outcome", "received_at"],
-        sqlite_where=sa.text("outcome <> 'accepted'"),
-        postgresql_where=sa.text("outcome <> 'accepted'"),
+    unusual = "outcome <> 'accepted'"
+    _partial_index(
+        "ix_webhook_deliveries_unusual_outcome_received_at", "webhook_deliveries", ["outcome", "received_at"],
+        where={"sqlite": unusual, "postgresql": unusual},
     )
     op.drop_index("ix_voucher_events_outcome_recorded_at", table_name="voucher_events")
-    op.create_index(
-        "ix_voucher_events_unusual_outcome_recorded_at",
-        "voucher_events",
-        ["outcome", "recorded_at"],
-        sqlite_where=sa.text("outcome <> 'applied'"),
-        postgresql_where=sa.text("outcome <> 'applied'"),
+    unusual = "outcome <> 'applied'"
+    _partial_index(
+        "ix_voucher_events_unusual_outcome_recorded_at", "voucher_events", ["outcome", "recorded_at"],
+        where={"sqlite": unusual, "postgresql": unusual},
     )
     op.drop_index("ix_voucher_events_voucher_code_id", table_name="voucher_events")
 
