@@ -91,7 +91,8 @@ _APPLY_AND_RECORD = _INSERT_EVENT.add_cte(_APPLY.cte("applied"))
 
 
 # The voucher's columns except the surrogate key; `code` is unique, so a concurrent insert is a conflict.
-_INSERT_VOUCHER = insert_unless_conflict(_V, [c.name for c in _V.columns if c.name != "id"])
+_VOUCHER_COLUMNS = [c for c in _V.columns if c.name != "id"]
+_INSERT_VOUCHER = insert_unless_conflict(_V, [c.name for c in _VOUCHER_COLUMNS])
 # PostgreSQL: the new voucher and its first event in one statement; no row back means the insert
 # conflicted (another transaction created the voucher) and no event was written.
 _INSERT_NEW_AND_RECORD = text(
@@ -101,7 +102,8 @@ _INSERT_NEW_AND_RECORD = text(
     f"SELECT {', '.join(f'CAST(:e_{c.name} AS {c.type.compile(dialect=postgresql.dialect())})' for c in _EVENT_COLUMNS)}"
     " FROM inserted RETURNING id"
 ).bindparams(
-    *_INSERT_VOUCHER._bindparams.values(), *(bindparam(f"e_{c.name}", type_=c.type) for c in _EVENT_COLUMNS)
+    *(bindparam(c.name, type_=c.type) for c in _VOUCHER_COLUMNS),
+    *(bindparam(f"e_{c.name}", type_=c.type) for c in _EVENT_COLUMNS),
 )
 
 
