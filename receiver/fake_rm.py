@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -48,6 +48,15 @@ def serve_in_thread(app: Flask, host: str, port: int, threads: int, name: str): 
     server = create_server(app, host=host, port=port, threads=threads, channel_timeout=30)
     threading.Thread(target=server.run, name=name, daemon=True).start()
     return server, f"http://{host}:{server.effective_port}"
+
+
+def run_until_interrupted(shutdown: Callable[[], None]) -> None:
+    """Keep a fake serving in the foreground until Ctrl-C, then stop it (``python -m`` entry points)."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown()
 
 
 def voucher_object(code: str, status: str, updated: datetime, *, batch_key: str, label: str) -> dict[str, Any]:
@@ -352,20 +361,18 @@ class FakeRM:
         return rm_error(*refused) if refused else None
 
     def _lookup_fast_path(self, environ: dict[str, Any], start_response: Any) -> list[bytes] | None:
-        """Get Voucher By Code without Flask: the benchmarks' hot request, same checks, log and answers.
+        """Get Voucher By Code (GET) without Flask: the benchmarks' hot request, same checks, log and answers.
 
         Flask's request machinery is over half of the fake's CPU per lookup, and the fake shares the
-        machine's cores with the client it measures. Anything unusual (other methods, injected
-        failures, a body) is left to the Flask app, which answers it the same way.
+        machine's cores with the client it measures. Other requests (POST lookups, void, a body)
+        are left to the Flask app.
         """
         path = environ.get("PATH_INFO", "")
-        f = self.faults
         if (
             environ.get("REQUEST_METHOD") != "GET"
             or not path.startswith(_VOUCHER_PREFIX)
             or path.endswith("/void")
             or environ.get("CONTENT_LENGTH") not in (None, "", "0")
-            or f.fail_next or f.rate_429 or f.rate_5xx or f.rate_timeout
         ):
             return None
         code = path[len(_VOUCHER_PREFIX):]
@@ -374,44 +381,49 @@ class FakeRM:
             self.log.append(entry)
         headers = {name: environ.get(key, "") for name, key in _AUTH_HEADERS}
         raw_uri = environ.get("REQUEST_URI") or environ.get("RAW_URI") or path
-        refused = self._auth_error(headers, method="GET", body=b"", raw_uri=raw_uri)
+        refused = self._auth_error(headers, method="GET", body=b"", raw_uri=raw_uri) or self._fault()
         if refused is None:
-            if f.latency:
-                time.sleep(f.latency)
-            self.rng.random()  # the fault roll the Flask path makes, so seeded runs stay identical
-            with self.lock:
-                item = self.vouchers.get(code)
-                body = json.dumps({"item": item, "code": "SUCCESS"}) if item else None
-            status = 200 if body else 404
-            if body is None:
-                refused = "VOUCHER_NOT_FOUND", f"voucher {code} not found", 404
-        if refused is not None:
-            status, body = refused[2], json.dumps(_error_document(refused[0], refused[1]))
+            body, status = self._lookup_answer(code)
+        else:
+            body, status = json.dumps(_error_document(refused[0], refused[1])), refused[2]
         data = body.encode()
         start_response(f"{status} {HTTPStatus(status).phrase}",
                        [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
         entry.status, entry.finished = status, time.monotonic()
         return [data]
 
-    def _inject_faults(self) -> tuple[Response, int] | None:
+    def _lookup_answer(self, code: str) -> tuple[str, int]:
+        """Get Voucher By Code's JSON answer and status: the voucher, or VOUCHER_NOT_FOUND."""
+        with self.lock:
+            item = self.vouchers.get(code)
+            if item is not None:
+                return json.dumps({"item": item, "code": "SUCCESS"}), 200
+        return json.dumps(_error_document("VOUCHER_NOT_FOUND", f"voucher {code} not found")), 404
+
+    def _fault(self) -> tuple[str, str, int] | None:
+        """The injected latency, and the failure to answer instead, if any: (code, message, status)."""
         f = self.faults
         with self.lock:
             forced = f.fail_next > 0
             if forced:
                 f.fail_next -= 1
         if forced:
-            return rm_error("INTERNAL_SERVER_ERROR", "forced failure", f.fail_status)
+            return "INTERNAL_SERVER_ERROR", "forced failure", f.fail_status
         if f.latency:
             time.sleep(f.latency)
         roll = self.rng.random()
         if roll < f.rate_429:
-            return rm_error("TOO_MANY_REQUESTS", "rate limit exceeded", 429)
+            return "TOO_MANY_REQUESTS", "rate limit exceeded", 429
         if roll < f.rate_429 + f.rate_5xx:
-            return rm_error("INTERNAL_SERVER_ERROR", "something went wrong", self.rng.choice([500, 502, 503]))
+            return "INTERNAL_SERVER_ERROR", "something went wrong", self.rng.choice([500, 502, 503])
         if roll < f.rate_429 + f.rate_5xx + f.rate_timeout:
             time.sleep(f.timeout_sleep)
-            return rm_error("GATEWAY_TIMEOUT", "upstream timed out", 504)
+            return "GATEWAY_TIMEOUT", "upstream timed out", 504
         return None
+
+    def _inject_faults(self) -> tuple[Response, int] | None:
+        refused = self._fault()
+        return rm_error(*refused) if refused else None
 
     def _build_app(self) -> Flask:
         app = Flask("fake_rm")
@@ -470,12 +482,8 @@ class FakeRM:
             refused = guarded("get_voucher", rest)
             if refused:
                 return refused
-            with fake.lock:
-                item = fake.vouchers.get(rest)
-                body = json.dumps({"item": item, "code": "SUCCESS"}) if item else None
-            if body is None:
-                return rm_error("VOUCHER_NOT_FOUND", f"voucher {rest} not found", 404)
-            return Response(body, mimetype="application/json")
+            body, status = fake._lookup_answer(rest)
+            return Response(body, status=status, mimetype="application/json")
 
         def void(code: str) -> Any:
             refused = guarded("void", code)
@@ -697,11 +705,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fake RM listening on {base} (client id {fake.client_id!r}, secret {fake.client_secret!r})", flush=True)
     print(f"  RM_API_BASE_URL={base} RM_OAUTH_BASE_URL={base}", flush=True)
     print(f"  RM_PRIVATE_KEY_FILE={merchant_private} RM_SERVER_PUBLIC_KEY_FILE={server_public}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        fake.shutdown()
+    run_until_interrupted(fake.shutdown)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
 
-from .fake_rm import Faults, LoggedRequest, serve_in_thread
+from .fake_rm import Faults, LoggedRequest, run_until_interrupted, serve_in_thread
 
 PIN_ATTEMPTS = 3
 REQUIRED = "This field is required."
@@ -575,11 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  STAMPS_API_BASE_URL={base} STAMPS_TOKEN_TYPE={fake.token_type} STAMPS_TOKEN={fake.token}", flush=True)
     for v in fake.vouchers.values():
         print(f"  voucher {v['id']} {v['code']} ({v['name']})", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        fake.shutdown()
+    run_until_interrupted(fake.shutdown)
 
 
 if __name__ == "__main__":
