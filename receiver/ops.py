@@ -51,18 +51,24 @@ def voucher_with_history(session: Session, code: str) -> dict[str, Any] | None:
     }
 
 
+def keyset_page(session: Session, model: Any, filters: list[Any], *, limit: int, after: int) -> tuple[list[Any], int | None]:
+    """Rows of ``model`` by id after ``after`` (keyset, no offset scans), and the next cursor (None on the last page)."""
+    query = select(model).where(model.id > after, *filters).order_by(model.id).limit(limit + 1)
+    rows = session.scalars(query).all()
+    page = rows[:limit]
+    return page, (page[-1].id if len(rows) > limit else None)
+
+
 def list_vouchers(
     session: Session, *, status: str | None = None, batch: str | None = None, limit: int = 50, after: int = 0
 ) -> tuple[list[dict[str, Any]], int | None]:
     """A page of vouchers by id (keyset: pass the returned cursor as ``after``); the cursor is None on the last page."""
-    query = select(Voucher).where(Voucher.id > after).order_by(Voucher.id).limit(limit + 1)
+    filters = []
     if status:
-        query = query.where(Voucher.status == status.upper())
+        filters.append(Voucher.status == status.upper())
     if batch:
-        query = query.where(Voucher.batch_key == batch)
-    rows = session.scalars(query).all()
-    page = rows[:limit]
-    cursor = page[-1].id if len(rows) > limit else None
+        filters.append(Voucher.batch_key == batch)
+    page, cursor = keyset_page(session, Voucher, filters, limit=limit, after=after)
     return [{"id": v.id, **row_dict(v, VOUCHER_FIELDS)} for v in page], cursor
 
 

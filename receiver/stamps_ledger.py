@@ -43,6 +43,7 @@ from .models import (
     StampsRedemptionEvent,
     utcnow,
 )
+from .ops import keyset_page
 from .stamps_client import (
     StampsAmbiguous,
     StampsClient,
@@ -823,15 +824,14 @@ def list_redemptions(
     invoice: str | None = None, limit: int = 50, after: int = 0,
 ) -> tuple[list[dict[str, Any]], int | None]:
     """A page of recorded redemptions by id (keyset: pass the cursor back as ``after``); None on the last page."""
-    query = select(StampsRedemption).where(StampsRedemption.id > after).order_by(StampsRedemption.id).limit(limit + 1)
+    filters = []
     if store is not None:
-        query = query.where(StampsRedemption.store == store)
+        filters.append(StampsRedemption.store == store)
     if user:
-        query = query.where(StampsRedemption.user_identifier == user)
+        filters.append(StampsRedemption.user_identifier == user)
     if status:
-        query = query.where(StampsRedemption.status == status.capitalize())
+        filters.append(StampsRedemption.status == status.capitalize())
     if invoice:
-        query = query.where(StampsRedemption.invoice_number == invoice)
-    rows = session.scalars(query).all()
-    page = rows[:limit]
-    return [redemption_dict(r) for r in page], (page[-1].id if len(rows) > limit else None)
+        filters.append(StampsRedemption.invoice_number == invoice)
+    page, cursor = keyset_page(session, StampsRedemption, filters, limit=limit, after=after)
+    return [redemption_dict(r) for r in page], cursor
