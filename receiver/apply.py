@@ -4,20 +4,21 @@ Callbacks, reconciliation, backfill and merchant actions all come through ``appl
 It never commits: the request, job or command that owns the work owns the transaction.
 
 It runs on every callback and every reconciled voucher, so it uses a handful of pre-built Core
-statements (compiled once, then cached) instead of loading ORM objects.
+statements, compiled once per dialect and run on the DBAPI cursor (db.Direct), instead of
+loading ORM objects.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Executable, Row, bindparam, exists, insert, select, text, update
+from sqlalchemy import Connection, bindparam, exists, insert, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from .db import insert_unless_conflict
+from .db import Direct, insert_unless_conflict
 from .metrics import note_apply
 from .models import Source, Voucher, VoucherEvent, utcnow
 from .snapshot import VoucherSnapshot
@@ -65,7 +66,7 @@ _APPLIED_COLUMNS = [
 # says whether this snapshot was recorded before (and whether as applied): every writer of a
 # code's events holds this lock first, so the answer stays true until the commit.
 _SEEN = _E.c.voucher_code == bindparam("code"), _E.c.snapshot_sha256 == bindparam("sha")
-_LOCK = (
+_LOCK = Direct(
     select(
         _V.c.id, _V.c.status, _V.c.rm_updated_ns, _V.c.snapshot_sha256, _V.c.needs_reconcile,
         exists().where(*_SEEN).label("seen"),
@@ -74,29 +75,44 @@ _LOCK = (
     .where(_V.c.code == bindparam("code"))
     .with_for_update()
 )
-_APPLY = update(_V).where(_V.c.id == bindparam("b_id")).values({n: bindparam(f"b_{n}") for n in _APPLIED_COLUMNS})
-_CONFIRM = (
+
+
+class _Locked(NamedTuple):
+    id: int
+    status: str
+    rm_updated_ns: int | None
+    snapshot_sha256: str | None
+    needs_reconcile: bool
+    seen: bool
+    seen_applied: bool
+
+
+_apply_core = update(_V).where(_V.c.id == bindparam("b_id")).values({n: bindparam(f"b_{n}") for n in _APPLIED_COLUMNS})
+_APPLY = Direct(_apply_core)
+_CONFIRM = Direct(
     update(_V)
     .where(_V.c.id == bindparam("b_id"))
     .values(last_confirmed_at=bindparam("b_now"), needs_reconcile=False, rm_missing_at=None)
 )
-_FLAG = update(_V).where(_V.c.id == bindparam("b_id")).values(needs_reconcile=True)
+_FLAG = Direct(update(_V).where(_V.c.id == bindparam("b_id")).values(needs_reconcile=True))
 _EVENT_COLUMNS = [c for c in _E.columns if c.name != "id"]
-_INSERT_EVENT = insert(_E).values({c.name: bindparam(f"e_{c.name}", type_=c.type) for c in _EVENT_COLUMNS}).returning(
-    _E.c.id
-)
+_insert_event_core = insert(_E).values(
+    {c.name: bindparam(f"e_{c.name}", type_=c.type) for c in _EVENT_COLUMNS}
+).returning(_E.c.id)
+_INSERT_EVENT = Direct(_insert_event_core)
 # PostgreSQL runs a voucher write and its event in one statement (a data-modifying CTE), one
 # round trip instead of two; SQLite has no such CTEs and runs them in turn (in-process, cheap).
-_APPLY_AND_RECORD = _INSERT_EVENT.add_cte(_APPLY.cte("applied"))
+_APPLY_AND_RECORD = Direct(_insert_event_core.add_cte(_apply_core.cte("applied")))
 
 
 # The voucher's columns except the surrogate key; `code` is unique, so a concurrent insert is a conflict.
 _VOUCHER_COLUMNS = [c for c in _V.columns if c.name != "id"]
-_INSERT_VOUCHER = insert_unless_conflict(_V, [c.name for c in _VOUCHER_COLUMNS])
+_insert_voucher_text = insert_unless_conflict(_V, [c.name for c in _VOUCHER_COLUMNS])
+_INSERT_VOUCHER = Direct(_insert_voucher_text)
 # PostgreSQL: the new voucher and its first event in one statement; no row back means the insert
 # conflicted (another transaction created the voucher) and no event was written.
-_INSERT_NEW_AND_RECORD = text(
-    f"WITH inserted AS ({_INSERT_VOUCHER.text}) "
+_INSERT_NEW_AND_RECORD = Direct(text(
+    f"WITH inserted AS ({_insert_voucher_text.text}) "
     f"INSERT INTO {_E.name} ({', '.join(c.name for c in _EVENT_COLUMNS)}) "
     # Casts: a bare parameter in a SELECT list would be typed text, and NULLs would not fit the columns.
     f"SELECT {', '.join(f'CAST(:e_{c.name} AS {c.type.compile(dialect=postgresql.dialect())})' for c in _EVENT_COLUMNS)}"
@@ -104,7 +120,7 @@ _INSERT_NEW_AND_RECORD = text(
 ).bindparams(
     *(bindparam(c.name, type_=c.type) for c in _VOUCHER_COLUMNS),
     *(bindparam(f"e_{c.name}", type_=c.type) for c in _EVENT_COLUMNS),
-)
+))
 
 
 def _new_voucher_values(snapshot: VoucherSnapshot, source: Source, now: datetime) -> dict[str, Any]:
@@ -120,7 +136,7 @@ def _new_voucher_values(snapshot: VoucherSnapshot, source: Source, now: datetime
     }
 
 
-def _already_recorded(row: Row, outcome: Outcome) -> bool:
+def _already_recorded(row: _Locked, outcome: Outcome) -> bool:
     """A snapshot seen before adds no event, unless it is now applied where before it was not."""
     if not row.seen:
         return False
@@ -150,20 +166,20 @@ def _apply(
     conn = session.connection()
     combine = conn.dialect.name == "postgresql"
     lock_params = {"code": snapshot.code, "sha": snapshot.fingerprint}
-    row = conn.execute(_LOCK, lock_params).first()
+    row = _lock(conn, lock_params)
     if row is None:
         decision = decide(None, _observed(snapshot))
         event = _event_params(None, snapshot, decision, source, delivery_id, now)
         voucher = _new_voucher_values(snapshot, source, now)
         if combine:
-            event_id = conn.execute(_INSERT_NEW_AND_RECORD, {**voucher, **event}).scalar()
-            if event_id is not None:
-                return _result(None, snapshot, decision, event_id, changed=True)
+            inserted = _INSERT_NEW_AND_RECORD.first(conn, {**voucher, **event})
+            if inserted is not None:
+                return _result(None, snapshot, decision, inserted[0], changed=True)
         # RETURNING, not rowcount: psycopg reports -1 for an ON CONFLICT insert whichever way it went.
-        elif conn.execute(_INSERT_VOUCHER, voucher).first() is not None:
+        elif _INSERT_VOUCHER.first(conn, voucher) is not None:
             return _record(conn, _INSERT_EVENT, event, None, snapshot, decision, changed=True)
         # A concurrent transaction created the voucher first: apply on top of its row.
-        row = conn.execute(_LOCK, lock_params).first()
+        row = _lock(conn, lock_params)
         assert row is not None, "voucher vanished after a conflicting insert"
 
     current = Observed(row.status, row.rm_updated_ns, row.snapshot_sha256)
@@ -171,7 +187,7 @@ def _apply(
 
     if decision.outcome is Outcome.DUPLICATE:
         if authoritative:
-            conn.execute(_CONFIRM, {"b_id": row.id, "b_now": now})
+            _CONFIRM.rows(conn, {"b_id": row.id, "b_now": now})
         return ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=False)
 
     record = not _already_recorded(row, decision.outcome)
@@ -190,9 +206,9 @@ def _apply(
         params = {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}}
         if record and combine:
             return _record(conn, _APPLY_AND_RECORD, {**params, **event}, row.status, snapshot, decision, changed=True)
-        conn.execute(_APPLY, params)
+        _APPLY.rows(conn, params)
     elif decision.needs_reconcile:
-        conn.execute(_FLAG, {"b_id": row.id})
+        _FLAG.rows(conn, {"b_id": row.id})
 
     if not record:
         return ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=decision.apply)
@@ -251,9 +267,14 @@ def _event_params(
     }
 
 
+def _lock(conn: Connection, params: dict[str, Any]) -> _Locked | None:
+    found = _LOCK.first(conn, params)
+    return _Locked._make(found) if found is not None else None
+
+
 def _record(
     conn: Connection,
-    statement: Executable,
+    statement: Direct,
     params: dict[str, Any],
     from_status: str | None,
     snapshot: VoucherSnapshot,
@@ -262,7 +283,8 @@ def _record(
     changed: bool,
 ) -> ApplyResult:
     """Run the statement that writes the event (and maybe the voucher) and describe what happened."""
-    return _result(from_status, snapshot, decision, conn.execute(statement, params).scalar_one(), changed=changed)
+    (event_id,) = statement.rows(conn, params)[0]
+    return _result(from_status, snapshot, decision, event_id, changed=changed)
 
 
 def _result(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import threading
 import time
 import weakref
 from pathlib import Path
+from typing import Any, Iterator, Mapping
 
-from sqlalchemy import Engine, Table, TextClause, bindparam, create_engine, event, exc, text
+from sqlalchemy import Connection, Engine, Executable, Table, TextClause, bindparam, create_engine, event, exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -91,9 +95,17 @@ def _ping_when_idle(engine: Engine) -> None:
             raise exc.DisconnectionError("pooled connection was dead")
 
 
+def _sqlite_file(database: str | None) -> Path | None:
+    """The file behind an SQLite URL's database part; None for in-memory and file: URI databases."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().resolve()
+
+
 def _sqlite_engine(url: str, database: str | None, synchronous: str, busy_timeout: float) -> Engine:
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    path = _sqlite_file(database)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
         connect_args={"timeout": busy_timeout, "check_same_thread": False},
@@ -119,6 +131,69 @@ def _sqlite_engine(url: str, database: str | None, synchronous: str, busy_timeou
     return engine
 
 
+class WriterTurn:
+    """Takes turns at an SQLite file's write lock across processes, woken within a millisecond of a release.
+
+    SQLite's own busy handler sleeps in growing steps (1, 2, 5, 10 ... 100 ms) while another
+    process holds the write lock, so a waiting writer oversleeps the release and the lock sits
+    idle; under load that was most of a callback's time. Writers that go through here wait on an
+    flock(2) beside the database instead, polled every 0.1-1 ms, for at most ``timeout`` seconds;
+    after that they go on and let SQLite's busy timeout decide. The kernel drops the lock of a
+    process that dies, so a killed worker never leaves it held.
+    """
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._threads = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the turn (this thread among the process's, this process among the others)."""
+        deadline = time.monotonic() + self.timeout
+        if not self._threads.acquire(timeout=self.timeout):
+            yield
+            return
+        try:
+            fd = self._file()
+            locked = self._lock_file(fd, deadline)
+            try:
+                yield
+            finally:
+                if locked:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+    def _file(self) -> int:
+        # Opened per process: a descriptor inherited across fork would share its lock with the parent.
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    @staticmethod
+    def _lock_file(fd: int, deadline: float) -> bool:
+        pause = 0.0001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(pause)
+                pause = min(pause * 2, 0.001)
+
+
+def writer_turn(engine: Engine, timeout: float) -> WriterTurn | None:
+    """A WriterTurn for an SQLite file database; None for PostgreSQL and in-memory SQLite."""
+    path = _sqlite_file(engine.url.database) if engine.dialect.name == "sqlite" else None
+    return WriterTurn(f"{path}-writer.lock", timeout) if path is not None else None
+
+
 def insert_unless_conflict(table: Table, column_names: list[str]) -> TextClause:
     """``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` for these columns: the id, or no row on a conflict.
 
@@ -132,6 +207,60 @@ def insert_unless_conflict(table: Table, column_names: list[str]) -> TextClause:
     params = ", ".join(f":{c.name}" for c in columns)
     sql = f"INSERT INTO {table.name} ({names}) VALUES ({params}) ON CONFLICT DO NOTHING RETURNING id"
     return text(sql).bindparams(*(bindparam(c.name, type_=c.type) for c in columns))
+
+
+class Direct:
+    """A Core statement compiled once per dialect and run straight on the DBAPI cursor.
+
+    SQLAlchemy's execute() spends about 60-120 us of Python per statement on an execution
+    context, parameter processing and result set-up; on the callback hot path (four statements)
+    that was half the CPU spent holding SQLite's write lock (measured with cProfile, see
+    docs/performance.md). These statements keep what matters of execute(): the same compiled
+    SQL and the same type conversions (the compiled bind processors), and a DBAPI error goes
+    through SQLAlchemy's own handler, so it is wrapped (is_unavailable sees it) and a dead
+    connection is invalidated. Rows come back as plain tuples in the statement's column order.
+    """
+
+    def __init__(self, statement: Executable) -> None:
+        self.statement = statement
+        self._compiled: dict[tuple, tuple] = {}
+
+    def _for(self, dialect) -> tuple:  # noqa: ANN001
+        key = (dialect.name, dialect.driver, dialect.server_version_info)
+        found = self._compiled.get(key)
+        if found is None:
+            compiled = self.statement.compile(dialect=dialect)
+            positional = compiled.positiontup is not None
+            # qmark (SQLite): one value per placeholder, in order; pyformat (psycopg): one per name.
+            names = compiled.positiontup if positional else dict.fromkeys(compiled.bind_names.values())
+            processors = compiled._bind_processors
+            bound = tuple((name, processors.get(name)) for name in names)
+            # Literals in the statement (x == 'applied') are bound parameters with a value of their own.
+            fixed = {name: bind.effective_value for bind, name in compiled.bind_names.items() if not bind.required}
+            found = self._compiled[key] = (str(compiled), bound, positional, fixed)
+        return found
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple]:
+        """Run the statement in ``conn``'s transaction; every row it returns (none for plain DML)."""
+        sql, bound, positional, fixed = self._for(conn.dialect)
+        if fixed:
+            params = {**fixed, **params}
+        values = [params[n] if process is None else process(params[n]) for n, process in bound]
+        args = tuple(values) if positional else {n: v for (n, _), v in zip(bound, values)}
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(sql, args)
+            # Drained and closed at once: an SQLite statement with RETURNING is only done when read.
+            return cursor.fetchall() if cursor.description is not None else []
+        except Exception as error:  # noqa: BLE001 - SQLAlchemy wraps it (and invalidates a dead connection)
+            conn._handle_dbapi_exception(error, sql, args, cursor, None)
+        finally:
+            cursor.close()
+
+    def first(self, conn: Connection, params: Mapping[str, Any]) -> tuple | None:
+        """The first row, or None."""
+        rows = self.rows(conn, params)
+        return rows[0] if rows else None
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .apply import ApplyResult, apply_snapshot
-from .db import insert_unless_conflict
+from .db import Direct, insert_unless_conflict
 from .models import DeliveryOutcome, Source, WebhookDelivery, utcnow
 from .snapshot import VoucherSnapshot
 from .state_machine import Outcome
@@ -158,9 +158,9 @@ _D = WebhookDelivery.__table__
 _INSERT = insert(_D).returning(_D.c.id)
 # A verified delivery conflicts with an earlier one of the same bytes (dedupe_key) or of the same
 # signed nonce; either way no row comes back and the rare path below looks at what is there.
-_INSERT_VERIFIED = insert_unless_conflict(
+_INSERT_VERIFIED = Direct(insert_unless_conflict(
     _D, [c.name for c in _D.columns if c.name not in ("id", "replayed_at", "purged_at")]
-)
+))
 _PRIOR = (
     select(_D.c.id, _D.c.outcome, _D.c.dedupe_key, _D.c.body_sha256, _D.c.nonce)
     .where(or_(_D.c.dedupe_key == bindparam("sha"), and_(_D.c.nonce == bindparam("nonce"), _D.c.signature_verified)))
@@ -173,7 +173,7 @@ _BUMP = (
     .values(attempts=_D.c.attempts + 1, last_received_at=bindparam("b_now"))
     .returning(_D.c.attempts)
 )
-_SET_OUTCOME = (
+_SET_OUTCOME = Direct(
     update(_D).where(_D.c.id == bindparam("b_id")).values(outcome=bindparam("b_outcome"), http_status=200, error=None)
 )
 
@@ -218,7 +218,8 @@ def accept_verified(session: Session, incoming: IncomingCallback, snapshot: Vouc
         signature_verified=True,
     )
     conn = session.connection()
-    delivery_id = conn.execute(_INSERT_VERIFIED, values).scalar()
+    inserted = _INSERT_VERIFIED.first(conn, values)
+    delivery_id = inserted[0] if inserted is not None else None
     prior = None
     attempts = 1
     if delivery_id is None:
@@ -236,7 +237,7 @@ def accept_verified(session: Session, incoming: IncomingCallback, snapshot: Vouc
     result = apply_snapshot(session, snapshot, source=Source.CALLBACK, delivery_id=delivery_id, now=incoming.received_at)
     status = _STATUS_FOR_OUTCOME[result.outcome]
     if prior is not None or status is not DeliveryOutcome.ACCEPTED:
-        conn.execute(_SET_OUTCOME, {"b_id": delivery_id, "b_outcome": status.value})
+        _SET_OUTCOME.rows(conn, {"b_id": delivery_id, "b_outcome": status.value})
     return CallbackResult(status, delivery_id, attempts, result)
 
 

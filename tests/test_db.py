@@ -64,3 +64,26 @@ def test_busy_connections_are_not_pinged(pg_url, monkeypatch) -> None:  # noqa: 
         assert len(pings) == 1  # an idle connection is checked once, and kept when alive
     finally:
         engine.dispose()
+
+
+def test_direct_statement_error_is_wrapped_and_a_dead_connection_is_invalidated(pg_url, postgres_admin_url) -> None:  # noqa: ANN001
+    """db.Direct skips execute(), not its error handling: the web tier's 503 mapping and the pool depend on it."""
+    engine = db_module.make_engine(pg_url, pool_size=1)
+    select_one = db_module.Direct(text("SELECT :x").bindparams(x=1))
+    try:
+        with engine.connect() as conn:
+            assert select_one.first(conn, {"x": 7}) == (7,)
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as other:
+                assert other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+            admin.dispose()
+            with pytest.raises(Exception) as caught:
+                select_one.first(conn, {"x": 8})
+            assert db_module.is_unavailable(caught.value) and caught.value.connection_invalidated
+        # The invalidated connection was not put back: the next checkout is a new backend that works.
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+            assert select_one.first(conn, {"x": 9}) == (9,)
+    finally:
+        engine.dispose()
