@@ -11,8 +11,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
-from .db import make_engine, make_session_factory
+from .db import make_engine, make_session_factory, writer_turn
 from .deliveries import RejectionLimiter
+from .group_commit import GroupCommit
 from .signature import load_public_key
 
 EXTENSION_KEY = "rm_voucher_sync"
@@ -27,6 +28,7 @@ class Runtime:
     sessions: sessionmaker[Session]
     server_public_key: rsa.RSAPublicKey | None
     rejection_limiter: RejectionLimiter
+    callbacks: GroupCommit
     _client: object = field(default=None, repr=False)
     _client_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -49,12 +51,14 @@ class Runtime:
             pool_size=settings.db_pool_size,
         )
         key = load_public_key(settings.rm_server_public_key_pem) if settings.rm_server_public_key_pem else None
+        sessions = make_session_factory(engine)
         return cls(
             settings=settings,
             engine=engine,
-            sessions=make_session_factory(engine),
+            sessions=sessions,
             server_public_key=key,
             rejection_limiter=RejectionLimiter(settings.rejected_deliveries_per_minute),
+            callbacks=GroupCommit(sessions, turn=writer_turn(engine, settings.sqlite_busy_timeout_seconds)),
         )
 
 

@@ -152,7 +152,7 @@ def voucher_callback() -> tuple[Response, int]:
         return _malformed(incoming, exc, claimed_code)
 
     try:
-        result = deliveries.receive_verified(runtime.sessions, incoming, snapshot)
+        result = runtime.callbacks.submit(incoming, snapshot)
     except NonceReused as exc:
         return _reject(
             incoming, 401, DeliveryOutcome.REJECTED_SIGNATURE, str(exc), {"error": "invalid_signature"},

@@ -1,0 +1,169 @@
+"""Group commit: verified callbacks that arrive together in one web worker share one transaction.
+
+Most of a callback's database cost is per transaction, not per row: the BEGIN and COMMIT round
+trips, the WAL flush at COMMIT, and on SQLite the one write lock that every worker queues for.
+Threaded workers answer several callbacks at once; those that arrive while a transaction is
+committing wait for it and then commit together in the next one, so under load one BEGIN, one
+lock and one flush serve many callbacks. Nothing is delayed on purpose: a callback that finds no
+transaction in progress starts one at once (at low load every batch holds one callback).
+
+A 200 still means committed: every caller waits until the transaction holding its delivery has
+committed, and learns its own outcome. If one callback in a batch fails for a reason of its own,
+the batch is rolled back and each callback is retried in a transaction of its own, so one bad
+delivery cannot fail the others; if the database is unavailable, every callback in it gets that
+error (a 503 that RM retries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from .db import WriterTurn, is_unavailable
+from .deliveries import CallbackResult, IncomingCallback, NonceReused, accept_verified, receive_verified
+from .snapshot import VoucherSnapshot
+
+# Bounds one transaction's length (and on PostgreSQL the row locks it holds at once).
+DEFAULT_MAX_BATCH = 32
+
+
+@dataclass(eq=False)
+class _Waiting:
+    incoming: IncomingCallback
+    snapshot: VoucherSnapshot
+    # Set when the callback is done, or when its thread is to lead the next batch.
+    wake: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    done: bool = False
+    result: CallbackResult | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class BatchStats:
+    """Counts since start (tests and benchmarks read them): transactions run and callbacks in them."""
+
+    batches: int = 0
+    callbacks: int = 0
+    largest: int = 0
+    fallbacks: int = 0
+
+
+class GroupCommit:
+    """Apply verified callbacks in shared transactions; ``submit`` returns once its callback committed."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], max_batch: int = DEFAULT_MAX_BATCH, turn: WriterTurn | None = None
+    ) -> None:
+        self.sessions = sessions
+        self.turn = turn
+        self.max_batch = max(1, max_batch)
+        self.stats = BatchStats()
+        self._lock = threading.Lock()
+        self._queue: deque[_Waiting] = deque()
+        self._leading = False
+
+    def submit(self, incoming: IncomingCallback, snapshot: VoucherSnapshot) -> CallbackResult:
+        """Record and apply one verified callback; raise (NonceReused, database errors) as receive_verified does."""
+        me = _Waiting(incoming, snapshot)
+        with self._lock:
+            self._queue.append(me)
+            if not self._leading:
+                self._leading = me.lead = True
+        if not me.lead:
+            me.wake.wait()
+        if not me.done:
+            # Leader: run the batches queued so far (this one's included), then hand over.
+            self._lead()
+        if me.error is not None:
+            raise me.error
+        assert me.result is not None
+        return me.result
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch = self._take()
+        try:
+            with self.turn.hold() if self.turn is not None else contextlib.nullcontext():
+                self._run(batch)
+        except BaseException as exc:  # e.g. the lock file cannot be opened: every caller must hear of it
+            for item in batch:
+                if item.result is None and item.error is None:
+                    item.error = exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for item in batch:
+                item.done = True
+                item.wake.set()
+            with self._lock:
+                if self._queue:
+                    # The oldest waiting callback's thread runs the next batch; this thread answers its own.
+                    successor = self._queue[0]
+                    successor.lead = True
+                    successor.wake.set()
+                else:
+                    self._leading = False
+
+    def _take(self) -> list[_Waiting]:
+        """The next group, oldest first: at most one callback per voucher code (the others wait their turn).
+
+        A second callback for a code in the same transaction would take that delivery's unique-key
+        lock after the voucher's row lock, and two workers' groups could then deadlock on PostgreSQL.
+        """
+        batch: list[_Waiting] = []
+        codes: set[str] = set()
+        kept: deque[_Waiting] = deque()
+        while self._queue and len(batch) < self.max_batch:
+            item = self._queue.popleft()
+            if item.snapshot.code in codes:
+                kept.append(item)
+            else:
+                codes.add(item.snapshot.code)
+                batch.append(item)
+        kept.extend(self._queue)
+        self._queue = kept
+        return batch
+
+    def _run(self, batch: list[_Waiting]) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.callbacks += len(batch)
+        stats.largest = max(stats.largest, len(batch))
+        if len(batch) == 1:
+            self._alone(batch[0])
+            return
+        # One order for every batch: two workers' transactions then lock vouchers (PostgreSQL
+        # row locks) in the same order and cannot deadlock on them.
+        ordered = sorted(batch, key=lambda w: w.snapshot.code)
+        try:
+            with self.sessions.begin() as session:
+                for item in ordered:
+                    try:
+                        item.result = accept_verified(session, item.incoming, item.snapshot)
+                    except NonceReused as exc:
+                        # Raised before this delivery wrote anything; the others go on.
+                        item.error = exc
+            return
+        except Exception as exc:  # noqa: BLE001 - sorted out below, per callback
+            failure = exc
+        # A deadlock with another worker's group is no outage: each callback is retried alone.
+        unavailable = is_unavailable(failure) and getattr(getattr(failure, "orig", None), "sqlstate", None) != "40P01"
+        for item in batch:
+            item.result = None
+            item.error = failure if unavailable else None
+        if unavailable:
+            return
+        stats.fallbacks += 1
+        for item in batch:
+            self._alone(item)
+
+    def _alone(self, item: _Waiting) -> None:
+        try:
+            item.result = receive_verified(self.sessions, item.incoming, item.snapshot)
+        except Exception as exc:  # noqa: BLE001 - each caller maps its own error to a response
+            item.error = exc

@@ -1,0 +1,213 @@
+"""Group commit: callbacks that arrive together share a transaction (SQLite file and PostgreSQL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import func, select, text
+
+from receiver.db import WriterTurn, is_unavailable
+from receiver.deliveries import IncomingCallback, NonceReused
+from receiver.group_commit import GroupCommit
+from receiver.models import DeliveryOutcome, Voucher, VoucherEvent, WebhookDelivery
+from receiver.snapshot import snapshot_from_item, voucher_item_from_envelope
+from tests.support import callback_body, voucher_item
+
+
+def _callback(code: str, status: str, step: int, nonce: str | None = None, body: bytes | None = None):
+    body = body or callback_body(voucher_item(code, status, step))
+    incoming = IncomingCallback(
+        body=body,
+        headers={"Content-Type": "application/json", "X-Nonce-Str": nonce or secrets.token_hex(16)},
+        remote_addr="127.0.0.1",
+        content_type="application/json",
+    )
+    return incoming, snapshot_from_item(voucher_item_from_envelope(json.loads(body)))
+
+
+@contextmanager
+def _writes_blocked(runtime, code: str) -> Iterator[None]:
+    """Hold what a callback for ``code`` must wait for: SQLite's write lock, or the voucher's row lock."""
+    with runtime.engine.connect() as conn:
+        conn.begin()  # on SQLite the engine begins with BEGIN IMMEDIATE: the write lock
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT id FROM vouchers WHERE code = :c FOR UPDATE"), {"c": code})
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+def _submit_all(committer: GroupCommit, callbacks: list, runtime, blocked_code: str) -> list:
+    """Submit every callback from its own thread while the first one's transaction is held up; results in order."""
+    results: list = [None] * len(callbacks)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = committer.submit(*callbacks[i])
+        except Exception as exc:  # noqa: BLE001 - the test looks at what each caller got
+            results[i] = exc
+
+    with _writes_blocked(runtime, blocked_code):
+        threads = [threading.Thread(target=run, args=(0,))]
+        threads[0].start()
+        time.sleep(0.3)  # the first callback leads, and waits on the held lock
+        for i in range(1, len(callbacks)):
+            # One at a time, so they queue (and are applied) in this order.
+            threads.append(threading.Thread(target=run, args=(i,)))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while len(committer._queue) < i and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert len(committer._queue) == i, "a callback did not queue behind the held transaction"
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_callbacks_waiting_together_commit_in_one_transaction_each_with_its_own_outcome(app, db) -> None:  # noqa: ANN001
+    runtime = app.extensions["rm_voucher_sync"]
+    committer = GroupCommit(runtime.sessions, max_batch=32)
+    first = _callback("GCFIRST", "VALID", 0)
+    committer.submit(*first)  # the voucher exists, so its row lock can be held below
+
+    redeemed = _callback("GCA", "REDEEMED", 2)
+    same_bytes = _callback("GCA", "REDEEMED", 2, body=redeemed[0].body)
+    gca_valid = _callback("GCA", "VALID", 0)
+    replayed_nonce = _callback("GCB", "ISSUE", 1, nonce=gca_valid[0].nonce)
+    batch = [
+        _callback("GCFIRST", "ISSUE", 1),
+        gca_valid,
+        _callback("GCA", "ISSUE", 1),
+        redeemed,
+        same_bytes,  # RM's retry of the same delivery, arriving together with it
+        _callback("GCC", "VALID", 0),
+        replayed_nonce,  # a signed nonce reused for other bytes
+        _callback("GCC", "VALID", 0),  # a stale copy: same snapshot, new delivery
+    ]
+    results = _submit_all(committer, batch, runtime, "GCFIRST")
+
+    # The first callback went alone; the seven others waited for it. A group holds one callback
+    # per code, in order of arrival: [GCA, GCC, GCB], [GCA, GCC], [GCA], [GCA].
+    assert committer.stats.batches == 1 + 1 + 4 and committer.stats.largest == 3
+    assert committer.stats.fallbacks == 0
+    assert isinstance(results[6], NonceReused)
+    statuses = [r.status for r in results if not isinstance(r, Exception)]
+    assert statuses.count(DeliveryOutcome.DUPLICATE) == 2  # the same bytes again; the same snapshot again
+    assert [r.status for r in results[:4]] == [DeliveryOutcome.ACCEPTED] * 4
+    assert results[4].status is DeliveryOutcome.DUPLICATE and results[4].delivery_id == results[3].delivery_id
+    assert results[4].attempts == 2
+    with db() as s:
+        final = dict(s.execute(select(Voucher.code, Voucher.status)).all())
+        assert final == {"GCFIRST": "ISSUE", "GCA": "REDEEMED", "GCC": "VALID"}
+        event_count = s.scalar(select(func.count()).select_from(VoucherEvent))
+        assert event_count == 1 + 1 + 3 + 1  # GCFIRST twice, GCA three snapshots, GCC once
+        deliveries = s.scalar(select(func.count()).select_from(WebhookDelivery))
+        # One row per distinct delivery: the same-bytes retry bumped attempts; the replayed nonce wrote nothing.
+        assert deliveries == 1 + 7 - 2
+
+
+def test_one_failing_callback_is_retried_alone_and_does_not_fail_the_others(app, db) -> None:  # noqa: ANN001
+    runtime = app.extensions["rm_voucher_sync"]
+    committer = GroupCommit(runtime.sessions)
+    committer.submit(*_callback("GCLOCK", "VALID", 0))
+    incoming, snapshot = _callback("GCBAD", "VALID", 0)
+    # A value no database column takes: stands in for a bug of ours on one delivery.
+    broken = dataclasses.replace(snapshot, fields={**snapshot.fields, "amount": [1, 2]})
+    batch = [_callback("GCLOCK", "ISSUE", 1), _callback("GCX", "VALID", 0), (incoming, broken),
+             _callback("GCY", "VALID", 0)]
+    results = _submit_all(committer, batch, runtime, "GCLOCK")
+
+    assert committer.stats.fallbacks == 1
+    assert isinstance(results[2], Exception) and not is_unavailable(results[2])
+    assert [results[i].status for i in (0, 1, 3)] == [DeliveryOutcome.ACCEPTED] * 3
+    with db() as s:
+        assert dict(s.execute(select(Voucher.code, Voucher.status)).all()) == {
+            "GCLOCK": "ISSUE", "GCX": "VALID", "GCY": "VALID"
+        }
+
+
+def test_many_threads_converge_to_the_newest_snapshot_of_every_voucher(app, db) -> None:  # noqa: ANN001
+    runtime = app.extensions["rm_voucher_sync"]
+    committer = GroupCommit(runtime.sessions, max_batch=8)
+    codes = [f"GCM{i:03d}" for i in range(40)]
+    callbacks = [_callback(code, status, step) for code in codes for step, status in
+                 enumerate(("VALID", "ISSUE", "REDEEMED"))]
+    callbacks = callbacks[::2] + callbacks[1::2]  # some arrive out of order
+    errors: list[BaseException] = []
+
+    def worker(part: list) -> None:
+        for item in part:
+            try:
+                committer.submit(*item)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(callbacks[i::12],)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert committer.stats.callbacks == len(callbacks)
+    with db() as s:
+        assert dict(s.execute(select(Voucher.code, Voucher.status)).all()) == {c: "REDEEMED" for c in codes}
+        assert s.scalar(select(func.count()).select_from(VoucherEvent)) == len(callbacks)
+
+
+def test_writer_turn_excludes_other_processes_and_a_killed_holder_releases_it(tmp_path) -> None:  # noqa: ANN001
+    turn = WriterTurn(str(tmp_path / "db-writer.lock"), timeout=5)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: take the turn, say so, and hold it until killed
+        try:
+            with turn.hold():
+                os.write(ready_w, b"x")
+                time.sleep(60)
+        finally:
+            os._exit(0)
+    os.read(ready_r, 1)
+    took = threading.Event()
+
+    def take() -> None:
+        with turn.hold():
+            took.set()
+
+    waiter = threading.Thread(target=take)
+    waiter.start()
+    assert not took.wait(0.3), "the turn was taken while another process held it"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert took.wait(2), "the turn of a killed process was not released"
+    waiter.join()
+
+
+def test_writer_turn_gives_up_waiting_after_its_timeout(tmp_path) -> None:  # noqa: ANN001
+    holder = WriterTurn(str(tmp_path / "w.lock"), timeout=5)
+    other = WriterTurn(str(tmp_path / "w.lock"), timeout=0.2)
+    ready = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        # Another open file description of the same file: flock treats it as another holder.
+        with holder.hold():
+            ready.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    ready.wait(5)
+    started = time.monotonic()
+    with other.hold():
+        waited = time.monotonic() - started
+    release.set()
+    t.join()
+    assert 0.15 <= waited < 1.5
