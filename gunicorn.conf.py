@@ -12,9 +12,6 @@ if Path(".env").is_file():
 
     load_dotenv(".env", override=False)
 
-# Sync workers: each callback is a short CPU + database burst, and a worker per request keeps a
-# slow database from stalling others beyond its own request.
-worker_class = "sync"
 # A request waits at most SQLITE_BUSY_TIMEOUT_SECONDS (10 s) or the PostgreSQL pool/connect
 # timeouts (5 s); the worker timeout must be longer so those become 503s, not killed workers.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 30)
@@ -31,12 +28,17 @@ keepalive = 5
 # Imported only now: importing the receiver package loads prometheus_client, which must already
 # see PROMETHEUS_MULTIPROC_DIR, or every worker would count in its own memory.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from receiver.config import default_web_concurrency  # noqa: E402
+from receiver.config import default_web_concurrency, default_web_threads  # noqa: E402
 
 workers = int(
     os.environ.get("WEB_CONCURRENCY")
-    or default_web_concurrency(os.environ.get("DATABASE_URL"), multiprocessing.cpu_count())
+    or default_web_concurrency(multiprocessing.cpu_count())
 )
+# Threaded workers (PostgreSQL's default) answer several callbacks at once, and those that arrive
+# together commit in one transaction (receiver/group_commit.py); one thread means sync workers,
+# one request per process, which is what SQLite gets by default.
+threads = int(os.environ.get("WEB_THREADS") or default_web_threads(os.environ.get("DATABASE_URL")))
+worker_class = "gthread" if threads > 1 else "sync"
 
 
 def on_starting(server):  # noqa: ANN001, ANN201

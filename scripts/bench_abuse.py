@@ -109,7 +109,7 @@ def main() -> int:
     genuine = signed_records(genuine_count, "lifecycle")
     half = len(genuine) // 2
     forged = forged_records(int(args.forged_rate * args.seconds))
-    workers = args.workers or default_web_concurrency(url, os.cpu_count() or 1)
+    workers = args.workers or default_web_concurrency(os.cpu_count() or 1)
     server = Gunicorn(fresh_settings_env(url, VECTORS, work, LOG_LEVEL="WARNING"), workers=workers).start()
     pid = server.proc.pid if server.proc else None
     try:

@@ -62,7 +62,7 @@ from bench.server import HELLO_APP, MINIMAL_APP, PROJECT_APP, GunicornServer  # 
 from receiver.config import default_web_concurrency  # noqa: E402
 from receiver.db import normalise_url  # noqa: E402
 
-CORES_NOTE = "PostgreSQL 2 x cores + 1, SQLite cores + 1"
+CORES_NOTE = "cores + 1; threads: WEB_THREADS or 8 on PostgreSQL (gthread), 1 on SQLite (sync)"
 
 
 def log(message: str = "") -> None:
@@ -99,7 +99,7 @@ class Runner:
             "RM_SIGNATURE_MAX_AGE_SECONDS": "900",
             "LOG_LEVEL": self.args.log_level,
             # The same count for all three apps on one database: gunicorn.conf.py's default for it.
-            "WEB_CONCURRENCY": str(self.args.workers or default_web_concurrency(url, os.cpu_count() or 1)),
+            "WEB_CONCURRENCY": str(self.args.workers or default_web_concurrency(os.cpu_count() or 1)),
         }
 
     def _records(self, count: int) -> list[Record]:
@@ -461,7 +461,8 @@ def tables(results: list[DbResults], args: argparse.Namespace) -> tuple[str, str
     plain: list[str] = []
     md: list[str] = []
     workers = f"WEB_CONCURRENCY={args.workers}" if args.workers else "gunicorn.conf.py's default worker count"
-    conf = (f"gunicorn.conf.py, {workers} (sync; {CORES_NOTE}), {os.cpu_count()} cores, "
+    threads = f"WEB_THREADS={os.environ['WEB_THREADS']}, " if os.environ.get("WEB_THREADS") else ""
+    conf = (f"gunicorn.conf.py, {workers}, {threads}({CORES_NOTE}), {os.cpu_count()} cores, "
             f"{'wrk -t%d -c%d' % (args.wrk_threads, args.connections) if loadgen.wrk_path() and not args.python_loadgen else 'python loadgen'}, "
             f"{args.duration:g}s timed after {args.warmup:g}s warm-up, mix={args.mix}, LOG_LEVEL={args.log_level}")
     plain.append(conf)
@@ -574,8 +575,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (max-throughput mode)")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1 leaves the cores to the server)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="WEB_CONCURRENCY for every server (default: gunicorn.conf.py's own for the database: "
-                             "2 x cores + 1 on PostgreSQL, cores + 1 on SQLite)")
+                        help="WEB_CONCURRENCY for every server (default: gunicorn.conf.py's own, cores + 1)")
     parser.add_argument("--fixed-rate", type=lambda v: [float(x) for x in v.split(",") if x], default=[200.0],
                         help="offered callbacks/s in fixed-rate mode; several: 200,100 (default 200)")
     parser.add_argument("--fixed-duration", type=float, default=12.0)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.config import ConfigError, default_web_concurrency, load_settings
+from receiver.config import ConfigError, default_web_concurrency, default_web_threads, load_settings
 
 
 def _base(vectors: dict) -> dict[str, str]:
@@ -98,8 +98,9 @@ def test_env_example_lists_every_variable_the_code_reads() -> None:
     assert listed - read == set(), "variables documented but never read"
 
 
-def test_default_worker_count_is_smaller_on_sqlite() -> None:
-    """SQLite has one writer at a time: gunicorn.conf.py starts cores + 1 workers there, 2 x cores + 1 elsewhere."""
-    assert default_web_concurrency(None, 2) == 3  # the embedded default database is SQLite
-    assert default_web_concurrency("sqlite:///instance/receiver.db", 4) == 5
-    assert default_web_concurrency("postgresql://root@127.0.0.1/db", 2) == 5
+def test_default_workers_and_threads_per_database() -> None:
+    """gunicorn.conf.py: cores + 1 workers; threaded (group commit) on PostgreSQL, sync on SQLite."""
+    assert default_web_concurrency(2) == 3
+    assert default_web_concurrency(4) == 5
+    assert default_web_threads("postgresql://root@127.0.0.1/db") == 8  # threaded: group commit
+    assert default_web_threads(None) == default_web_threads("sqlite:///x.db") == 1  # sync workers
