@@ -137,6 +137,15 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` still runs: an exited orphan stays a zombie until init reaps it, which may take a second."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 class Gunicorn:
     """The real web process (`gunicorn "receiver:create_app()"`, production settings) under a test's control.
 
@@ -179,8 +188,8 @@ class Gunicorn:
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in orphans):
-            time.sleep(0.05)
+        while time.monotonic() < deadline and any(process_running(pid) for pid in orphans):
+            time.sleep(0.01)
         for pid in orphans:
             try:
                 os.kill(pid, signal.SIGKILL)

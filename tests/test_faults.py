@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import random
+import signal
 import sqlite3
 import threading
 import time
@@ -17,7 +20,15 @@ from receiver.db import make_engine, make_session_factory
 from receiver.fake_rm import CallbackPlan
 from receiver.models import Voucher, VoucherEvent, WebhookDelivery
 from receiver.snapshot import parse_rm_time, snapshot_from_item
-from tests.support import CALLBACK_PATH, Gunicorn, TcpProxy, callback_body, fresh_settings_env, voucher_item
+from tests.support import (
+    CALLBACK_PATH,
+    Gunicorn,
+    TcpProxy,
+    callback_body,
+    fresh_settings_env,
+    process_running,
+    voucher_item,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -26,7 +37,9 @@ def test_sigkill_workers_and_master_under_load_loses_nothing(settings_env, db, f
     """Every callback that got a 200 is stored; the rest come back with RM's retries and apply exactly once."""
     codes = fake_rm.create_vouchers(120, prefix="K")
     changes = fake_rm.live(codes)
-    plan = CallbackPlan(attempts=5, interval=1.0)
+    # RM retries a minute apart; 1.5 s keeps the test short while a master restart (~1-2 s on a
+    # busy 2-core machine) still fits well inside the four retry gaps.
+    plan = CallbackPlan(attempts=5, interval=1.5)
     server = Gunicorn(settings_env, workers=3).start()
     statuses: list[int | None] = []
     sender = threading.Thread(
@@ -39,9 +52,6 @@ def test_sigkill_workers_and_master_under_load_loses_nothing(settings_env, db, f
             time.sleep(0.4)
             pids = server.worker_pids()
             if pids:
-                import os
-                import signal
-
                 os.kill(rnd.choice(pids), signal.SIGKILL)
         time.sleep(0.4)
         server.kill_master()
@@ -60,6 +70,30 @@ def test_sigkill_workers_and_master_under_load_loses_nothing(settings_env, db, f
     assert {c: ours[c] for c in rm if c in ours} == {c: v for c, v in rm.items() if c in ours}
     expected = sorted(snapshot_from_item(c).fingerprint for c in changes)
     assert sorted(e.snapshot_sha256 for e in events) == expected, "each snapshot recorded exactly once"
+
+
+def test_workers_of_a_killed_master_exit_at_once(settings_env) -> None:  # noqa: ANN001
+    """A kill -9'd master's idle workers stop within a second, freeing the port for its restart."""
+    server = Gunicorn({**settings_env, "WEB_THREADS": "1"}, workers=2).start()
+    try:
+        orphans = server.worker_pids()
+        assert len(orphans) == 2
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        started = time.monotonic()
+        # An idle sync worker polls its parent only every timeout/2 (15 s); the post_fork hook's
+        # parent-death signal is what makes this quick.
+        while any(process_running(pid) for pid in orphans) and time.monotonic() - started < 10:
+            time.sleep(0.01)
+        exited_after = time.monotonic() - started
+        assert exited_after < 3, f"orphaned workers still ran {exited_after:.1f}s after the master died"
+        server.start()
+        assert requests.get(server.base + "/healthz", timeout=5).status_code == 200
+    finally:
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
 
 
 def _burst(base: str, signer, stop: threading.Event, results: list, prefix: str) -> None:  # noqa: ANN001
