@@ -16,7 +16,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 # Errors that mean "the database cannot take the write right now", as opposed to a bug of ours.
+class WriterTurnTimeout(Exception):
+    """Another writer held the SQLite write turn for the whole busy timeout: the database is locked."""
+
+
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    WriterTurnTimeout,
     exc.OperationalError,
     exc.InterfaceError,
     exc.DisconnectionError,
@@ -137,9 +142,11 @@ class WriterTurn:
     SQLite's own busy handler sleeps in growing steps (1, 2, 5, 10 ... 100 ms) while another
     process holds the write lock, so a waiting writer oversleeps the release and the lock sits
     idle; under load that was most of a callback's time. Writers that go through here wait on an
-    flock(2) beside the database instead, polled every 0.1-1 ms, for at most ``timeout`` seconds;
-    after that they go on and let SQLite's busy timeout decide. The kernel drops the lock of a
-    process that dies, so a killed worker never leaves it held.
+    flock(2) beside the database instead, polled every 0.1-1 ms, for at most ``timeout`` seconds
+    (the busy timeout). A writer that waited that long without its turn gives up with
+    WriterTurnTimeout, an unavailable database (503), rather than then waiting out SQLite's busy
+    timeout too. The kernel drops the lock of a process that dies, so a killed worker never
+    leaves it held.
     """
 
     def __init__(self, path: str, timeout: float) -> None:
@@ -154,16 +161,15 @@ class WriterTurn:
         """Hold the turn (this thread among the process's, this process among the others)."""
         deadline = time.monotonic() + self.timeout
         if not self._threads.acquire(timeout=self.timeout):
-            yield
-            return
+            raise WriterTurnTimeout(f"no write turn within {self.timeout:g}s")
         try:
             fd = self._file()
-            locked = self._lock_file(fd, deadline)
+            if not self._lock_file(fd, deadline):
+                raise WriterTurnTimeout(f"no write turn within {self.timeout:g}s")
             try:
                 yield
             finally:
-                if locked:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             self._threads.release()
 

@@ -12,9 +12,10 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+import pytest
 from sqlalchemy import func, select, text
 
-from receiver.db import WriterTurn, is_unavailable
+from receiver.db import WriterTurn, WriterTurnTimeout, is_unavailable
 from receiver.deliveries import IncomingCallback, NonceReused
 from receiver.group_commit import GroupCommit
 from receiver.models import DeliveryOutcome, Voucher, VoucherEvent, WebhookDelivery
@@ -206,8 +207,10 @@ def test_writer_turn_gives_up_waiting_after_its_timeout(tmp_path) -> None:  # no
     t.start()
     ready.wait(5)
     started = time.monotonic()
-    with other.hold():
-        waited = time.monotonic() - started
+    with pytest.raises(WriterTurnTimeout) as raised, other.hold():
+        pytest.fail("the turn was given while another holder had it")
+    waited = time.monotonic() - started
     release.set()
     t.join()
     assert 0.15 <= waited < 1.5
+    assert is_unavailable(raised.value), "a locked database must map to 503"
