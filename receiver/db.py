@@ -15,11 +15,11 @@ from sqlalchemy import Connection, Engine, Executable, Table, TextClause, bindpa
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-# Errors that mean "the database cannot take the write right now", as opposed to a bug of ours.
 class WriterTurnTimeout(Exception):
     """Another writer held the SQLite write turn for the whole busy timeout: the database is locked."""
 
 
+# Errors that mean "the database cannot take the write right now", as opposed to a bug of ours.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     WriterTurnTimeout,
     exc.OperationalError,
