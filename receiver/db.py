@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Engine, Executable, Table, TextClause, bindpa
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+
 class WriterTurnTimeout(Exception):
     """Another writer held the SQLite write turn for the whole busy timeout: the database is locked."""
 

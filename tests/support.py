@@ -181,20 +181,22 @@ class Gunicorn:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
-    def kill_master(self) -> None:
-        """kill -9 the master, then wait for its orphaned workers to notice and exit (they hold the port)."""
+    def kill_master(self) -> float:
+        """kill -9 the master, wait for its orphaned workers to exit (they hold the port); the seconds they took."""
         assert self.proc is not None
         orphans = self.worker_pids()
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(process_running(pid) for pid in orphans):
+        started = time.monotonic()
+        while time.monotonic() - started < 30 and any(process_running(pid) for pid in orphans):
             time.sleep(0.01)
+        exited_after = time.monotonic() - started
         for pid in orphans:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        return exited_after
 
     def stop(self) -> None:
         """SIGTERM the whole group; SIGKILL if it lingers."""
