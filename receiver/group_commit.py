@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .db import WriterTurn, is_unavailable
 from .deliveries import CallbackResult, IncomingCallback, NonceReused, accept_verified, receive_verified
+from .metrics import GROUP_COMMIT_CALLBACKS
 from .snapshot import VoucherSnapshot
 
 # Bounds one transaction's length (and on PostgreSQL the row locks it holds at once).
@@ -134,6 +135,7 @@ class GroupCommit:
         stats.batches += 1
         stats.callbacks += len(batch)
         stats.largest = max(stats.largest, len(batch))
+        GROUP_COMMIT_CALLBACKS.observe(len(batch))
         if len(batch) == 1:
             self._alone(batch[0])
             return

@@ -35,6 +35,11 @@ REQUEST_SECONDS = Histogram(
     ["endpoint", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+GROUP_COMMIT_CALLBACKS = Histogram(
+    "rmvs_group_commit_callbacks",
+    "Callbacks committed together in one group-commit transaction (receiver/group_commit.py).",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+)
 APPLY_OUTCOMES = Counter(
     "rmvs_apply_outcomes_total", "Committed results of applying voucher snapshots.", ["source", "outcome"]
 )

@@ -40,11 +40,13 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,10 +251,13 @@ class Runner:
                 log(f"  [{phase}] gunicorn {app!r}, {env['WEB_CONCURRENCY']} workers")
                 with GunicornServer(app, env, self.workdir, f"{kind}-{phase}") as server:
                     before = db.counts()
+                    groups_before = group_commit_totals(server) if phase == "project" else None
                     result = self.max_throughput(server, phase, wrap=(phase == "hello"))
                     after = db.counts(settle=True)
                     res.phases[phase] = result
                     log("      " + describe(result))
+                    if groups_before is not None:
+                        log("      " + describe_groups(groups_before, group_commit_totals(server)))
                     res.checks[phase] = self.check(phase, result, before, after)
                     log(f"      check: {res.checks[phase]}")
                     if phase == "project":
@@ -397,6 +402,27 @@ class Runner:
         out["summary"] = pyspy_summary.summarise(out["wall"], out["cpu"])
         log(pyspy_summary.render(out["summary"], indent="      "))
         return out
+
+
+def group_commit_totals(server: GunicornServer) -> tuple[float, float] | None:
+    """(transactions, callbacks) the project's group commit has run so far, from its /metrics."""
+    try:
+        with urllib.request.urlopen(server.base + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    found = dict(re.findall(r"^rmvs_group_commit_callbacks_(count|sum) ([0-9.e+]+)$", text, re.M))
+    if len(found) != 2:
+        return None
+    return float(found["count"]), float(found["sum"])
+
+
+def describe_groups(before: tuple[float, float] | None, after: tuple[float, float] | None) -> str:
+    """Callbacks per transaction during the phase (warm-up included)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return "group commit: no figures in /metrics"
+    transactions, callbacks = after[0] - before[0], after[1] - before[1]
+    return f"group commit: {callbacks:,.0f} callbacks in {transactions:,.0f} transactions, {callbacks / transactions:.2f} per transaction"
 
 
 def describe(r: loadgen.PhaseResult) -> str:

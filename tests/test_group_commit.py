@@ -18,9 +18,16 @@ from sqlalchemy import func, select, text
 from receiver.db import WriterTurn, WriterTurnTimeout, is_unavailable
 from receiver.deliveries import IncomingCallback, NonceReused
 from receiver.group_commit import GroupCommit
+from receiver.metrics import GROUP_COMMIT_CALLBACKS
 from receiver.models import DeliveryOutcome, Voucher, VoucherEvent, WebhookDelivery
 from receiver.snapshot import snapshot_from_item, voucher_item_from_envelope
 from tests.support import callback_body, voucher_item
+
+
+def _group_totals() -> tuple[float, float]:
+    """(transactions, callbacks) counted by the rmvs_group_commit_callbacks histogram so far."""
+    samples = {s.name: s.value for s in GROUP_COMMIT_CALLBACKS.collect()[0].samples}
+    return samples["rmvs_group_commit_callbacks_count"], samples["rmvs_group_commit_callbacks_sum"]
 
 
 def _callback(code: str, status: str, step: int, nonce: str | None = None, body: bytes | None = None):
@@ -77,6 +84,7 @@ def _submit_all(committer: GroupCommit, callbacks: list, runtime, blocked_code: 
 def test_callbacks_waiting_together_commit_in_one_transaction_each_with_its_own_outcome(app, db) -> None:  # noqa: ANN001
     runtime = app.extensions["rm_voucher_sync"]
     committer = GroupCommit(runtime.sessions, max_batch=32)
+    totals_before = _group_totals()
     first = _callback("GCFIRST", "VALID", 0)
     committer.submit(*first)  # the voucher exists, so its row lock can be held below
 
@@ -100,6 +108,9 @@ def test_callbacks_waiting_together_commit_in_one_transaction_each_with_its_own_
     # per code, in order of arrival: [GCA, GCC, GCB], [GCA, GCC], [GCA], [GCA].
     assert committer.stats.batches == 1 + 1 + 4 and committer.stats.largest == 3
     assert committer.stats.fallbacks == 0
+    # Operators see the same in /metrics: 6 transactions for the 9 callbacks.
+    totals_after = _group_totals()
+    assert (totals_after[0] - totals_before[0], totals_after[1] - totals_before[1]) == (6, 9)
     assert isinstance(results[6], NonceReused)
     statuses = [r.status for r in results if not isinstance(r, Exception)]
     assert statuses.count(DeliveryOutcome.DUPLICATE) == 2  # the same bytes again; the same snapshot again
