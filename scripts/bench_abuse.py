@@ -138,6 +138,8 @@ def main() -> int:
         cores = ", ".join(f"{k} {v:.2f}" for k, v in phase.cpu.items() if k != "wall")
         print(f"{phase.label:<22} {phase.statuses}  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  "
               f"(offered {args.genuine_rate:.0f}/s; cores used: {cores})")
+    slowest = ", ".join(f"{ms:.0f} ms at {at:.1f} s" for ms, at in under.extra["slowest"])
+    print(f"slowest under flood    {slowest} (seconds after the first genuine callback; the flood starts with it)")
     print(f"forged flood           {flood_result['statuses']}  achieved {flood_result['achieved']:.0f}/s of "
           f"{args.forged_rate:.0f}/s offered; generator send lag p99 {flood_result['send_lag_p99']:.1f} ms")
     print(f"rejected rows stored   {rejected_rows} of {len(forged)} forged")

@@ -178,6 +178,8 @@ def run_fixed_rate(
             "other_top": cpu.top_others(before, after, server_pid),
             "lead_in_ok": sum(1 for r in results if r[0] - t0 < lead_in and r[3] == "200"),
             "send_lag_ms": {"p50": _pct(lag, 50), "p99": _pct(lag, 99), "max": max(lag) if lag else float("nan")},
+            # (latency ms, seconds after the first request was due): when the tail happened.
+            "slowest": sorted(((end - due) * 1000, due - t0) for due, _s, end, st in counted if st == "200")[-8:][::-1],
         },
     )
     return result
