@@ -186,6 +186,64 @@ def statement_label(sql: str) -> str:
     return f"SQL {verb} {rest}"
 
 
+def _process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes (the database backends)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def cpu_per_callback(kind: str, db: Database, app, stderr_sink, rounds: int, callbacks: int) -> None:  # noqa: ANN001
+    """CPU per callback of hello / minimal / project in this process, rounds alternating.
+
+    Throughput on this shared VM moves by +-30% between runs; CPU time per callback of the three
+    apps measured back to back in one process is far steadier, and it is what bounds throughput
+    when the two cores are saturated. PostgreSQL's share is read from its backends' /proc stats.
+    """
+    from sqlalchemy import text as sql
+
+    from bench import baseline_apps
+
+    baseline_apps.create_minimal_table(db.engine)
+    apps = {"hello": baseline_apps.create_hello_app(), "minimal": baseline_apps.create_minimal_app(), "project": app}
+    figures: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for _ in range(rounds):
+        for name, target in apps.items():
+            client = target.test_client()
+            with contextlib.redirect_stderr(stderr_sink):
+                for r in signed_records(50, "lifecycle"):
+                    assert client.post(r.path, data=r.body, headers=r.headers).status_code == 200
+            backends: list[int] = []
+            if kind == "postgresql":
+                with db.engine.connect() as conn:
+                    backends = list(conn.scalars(sql(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")))
+            records = signed_records(callbacks, "lifecycle")
+            db0, app0 = _process_cpu(backends), time.process_time()
+            with contextlib.redirect_stderr(stderr_sink):
+                for r in records:
+                    client.post(r.path, data=r.body, headers=r.headers)
+            figures[name].append(((time.process_time() - app0) / len(records), (_process_cpu(backends) - db0) / len(records)))
+    log(f"\n--- CPU per callback, in-process, {rounds} alternating rounds of {callbacks} (app + database; medians) ---")
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[(len(values) - 1) // 2]
+
+    totals = {name: median([a + d for a, d in runs]) for name, runs in figures.items()}
+    for name, runs in figures.items():
+        app_ms, db_ms = median([a for a, _ in runs]) * 1000, median([d for _, d in runs]) * 1000
+        per_round = " / ".join(f"{(a + d) * 1000:.2f}" for a, d in runs)
+        log(f"   {name:<8} app {app_ms:6.3f} ms  database {db_ms:6.3f} ms  total {totals[name] * 1000:6.3f} ms"
+            f"  (rounds: {per_round})")
+    log(f"   minimal / project CPU: {totals['minimal'] / totals['project']:.2f} "
+        "(the throughput ratio project/minimal when CPU-bound, before gunicorn's share)")
+
+
 def profile_database(kind: str, args: argparse.Namespace, workdir: Path) -> None:
     log(f"\n================ {kind} ================")
     with Database(kind, "profile", args, workdir) as db:
@@ -196,10 +254,13 @@ def profile_database(kind: str, args: argparse.Namespace, workdir: Path) -> None
             load_history(db.engine, args.preload, deliveries=args.preload_deliveries, log=log)
         key_file = workdir / "rm-public.pem"
         key_file.write_text(VECTORS["rm_server_public_pem"], encoding="utf-8")
-        settings = load_settings({
+        env = {
             "DATABASE_URL": db.url, "RM_SERVER_PUBLIC_KEY_FILE": str(key_file),
             "RM_SIGNATURE_MAX_AGE_SECONDS": "900", "LOG_LEVEL": "INFO",
-        })
+        }
+        settings = load_settings(env)
+        # The minimal baseline reads its settings from the environment, as under gunicorn.
+        os.environ.update(env)
         stderr_sink = open(workdir / f"app-{kind}.log", "w")
         with contextlib.redirect_stderr(stderr_sink):
             app = create_app(settings)
@@ -212,6 +273,11 @@ def profile_database(kind: str, args: argparse.Namespace, workdir: Path) -> None
                 dbapi_connection.execute(f"PRAGMA cache_size=-{args.sqlite_cache_mb * 1024}")
 
             log(f"(experiment: PRAGMA cache_size = {args.sqlite_cache_mb} MB per connection)")
+        if args.cpu_rounds:
+            cpu_per_callback(kind, db, app, stderr_sink, args.cpu_rounds, args.callbacks)
+        if args.cpu_only:
+            runtime.engine.dispose()
+            return
         trace = StatementTrace(engine, kind, workdir)
         client = app.test_client()
         signer = Signer(VECTORS["rm_server_private_pem"])
@@ -326,6 +392,9 @@ def main() -> int:
     parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", DEFAULT_PG))
     parser.add_argument("--callbacks", type=int, default=600)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--cpu-rounds", type=int, default=3,
+                        help="rounds of the hello / minimal / project CPU comparison (0: skip it)")
+    parser.add_argument("--cpu-only", action="store_true", help="only the CPU comparison")
     parser.add_argument("--preload", type=int, default=0, help="bulk-load this many voucher_events first (growth)")
     parser.add_argument("--preload-deliveries", action="store_true", help="...and as many webhook_deliveries")
     parser.add_argument("--sqlite-cache-mb", type=int, default=0,
