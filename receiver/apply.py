@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, bindparam, exists, insert, select, text, update
+from sqlalchemy import Connection, Insert, bindparam, exists, func, insert, literal, select, text, true, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -66,7 +66,7 @@ _APPLIED_COLUMNS = [
 # says whether this snapshot was recorded before (and whether as applied): every writer of a
 # code's events holds this lock first, so the answer stays true until the commit.
 _SEEN = _E.c.voucher_code == bindparam("code"), _E.c.snapshot_sha256 == bindparam("sha")
-_LOCK = Direct(
+_LOCK_SELECT = (
     select(
         _V.c.id, _V.c.status, _V.c.rm_updated_ns, _V.c.snapshot_sha256, _V.c.needs_reconcile,
         exists().where(*_SEEN).label("seen"),
@@ -75,6 +75,27 @@ _LOCK = Direct(
     .where(_V.c.code == bindparam("code"))
     .with_for_update()
 )
+_LOCK = Direct(_LOCK_SELECT)
+
+
+def insert_then_lock(insert: Insert) -> Direct:
+    """PostgreSQL: run ``insert`` (``RETURNING id``; no row when it conflicts), then lock the voucher, in one statement.
+
+    Parameters: the insert's, plus ``code`` and ``sha`` (the snapshot's code and fingerprint).
+    One row comes back: the inserted id (or None) followed by the voucher's locked row (all None
+    when there is no voucher yet), for ``apply_snapshot(..., locked=locked_row(row[1:]))``. One round
+    trip instead of two on every callback. The insert runs before the row lock (the lock's WHERE
+    waits on it), as when they were two statements: two copies of one delivery meet at its unique
+    key before either locks the voucher, so they cannot deadlock on the pair.
+    """
+    inserted = insert.cte("inserted")
+    gate = select(func.count()).select_from(inserted).scalar_subquery()
+    voucher = _LOCK_SELECT.where(gate >= 0).cte("locked")
+    one = select(literal(1).label("one")).subquery("one")
+    return Direct(
+        select(select(inserted.c.id).scalar_subquery().label("inserted_id"), *voucher.c)
+        .select_from(one.outerjoin(voucher, true()))
+    )
 
 
 class _Locked(NamedTuple):
@@ -143,6 +164,15 @@ def _already_recorded(row: _Locked, outcome: Outcome) -> bool:
     return outcome != Outcome.APPLIED or bool(row.seen_applied)
 
 
+# apply_snapshot's default: the voucher is not locked yet (it takes the lock itself).
+NOT_LOCKED: Any = object()
+
+
+def locked_row(values: tuple) -> _Locked | None:
+    """The voucher part of an insert_then_lock row, as apply_snapshot's ``locked``."""
+    return None if values[0] is None else _Locked._make(values)
+
+
 def apply_snapshot(
     session: Session,
     snapshot: VoucherSnapshot,
@@ -150,15 +180,21 @@ def apply_snapshot(
     source: Source,
     delivery_id: int | None = None,
     now: datetime | None = None,
+    locked: _Locked | None = NOT_LOCKED,
 ) -> ApplyResult:
-    """Merge one RM snapshot into the voucher's state and history; the caller commits."""
-    result = _apply(session, snapshot, source, delivery_id, now or utcnow())
+    """Merge one RM snapshot into the voucher's state and history; the caller commits.
+
+    ``locked``: the voucher's row as this transaction already locked it (insert_then_lock), None
+    when it found none; by default apply_snapshot takes the lock itself.
+    """
+    result = _apply(session, snapshot, source, delivery_id, now or utcnow(), locked)
     note_apply(session, source.value, result.outcome.value)
     return result
 
 
 def _apply(
-    session: Session, snapshot: VoucherSnapshot, source: Source, delivery_id: int | None, now: datetime
+    session: Session, snapshot: VoucherSnapshot, source: Source, delivery_id: int | None, now: datetime,
+    locked: _Locked | None,
 ) -> ApplyResult:
     # Anything other than a pushed callback is RM answering our own question: authoritative.
     authoritative = source is not Source.CALLBACK
@@ -166,7 +202,7 @@ def _apply(
     conn = session.connection()
     combine = conn.dialect.name == "postgresql"
     lock_params = {"code": snapshot.code, "sha": snapshot.fingerprint}
-    row = _lock(conn, lock_params)
+    row = _lock(conn, lock_params) if locked is NOT_LOCKED else locked
     if row is None:
         decision = decide(None, _observed(snapshot))
         event = _event_params(None, snapshot, decision, source, delivery_id, now)

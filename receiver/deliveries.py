@@ -13,10 +13,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .apply import ApplyResult, apply_snapshot
+from .apply import NOT_LOCKED, ApplyResult, apply_snapshot, insert_then_lock, locked_row
 from .db import Direct, insert_unless_conflict
 from .models import DeliveryOutcome, Source, WebhookDelivery, utcnow
 from .snapshot import VoucherSnapshot
@@ -158,9 +159,15 @@ _D = WebhookDelivery.__table__
 _INSERT = insert(_D).returning(_D.c.id)
 # A verified delivery conflicts with an earlier one of the same bytes (dedupe_key) or of the same
 # signed nonce; either way no row comes back and the rare path below looks at what is there.
-_INSERT_VERIFIED = Direct(insert_unless_conflict(
-    _D, [c.name for c in _D.columns if c.name not in ("id", "replayed_at", "purged_at")]
-))
+_VERIFIED_COLUMNS = [c for c in _D.columns if c.name not in ("id", "replayed_at", "purged_at")]
+_INSERT_VERIFIED = Direct(insert_unless_conflict(_D, [c.name for c in _VERIFIED_COLUMNS]))
+# PostgreSQL: the same insert and the voucher's row lock in one round trip (apply.insert_then_lock).
+_INSERT_VERIFIED_AND_LOCK = insert_then_lock(
+    postgresql.insert(_D)
+    .values({c.name: bindparam(c.name, type_=c.type) for c in _VERIFIED_COLUMNS})
+    .on_conflict_do_nothing()
+    .returning(_D.c.id)
+)
 _PRIOR = (
     select(_D.c.id, _D.c.outcome, _D.c.dedupe_key, _D.c.body_sha256, _D.c.nonce)
     .where(or_(_D.c.dedupe_key == bindparam("sha"), and_(_D.c.nonce == bindparam("nonce"), _D.c.signature_verified)))
@@ -218,8 +225,12 @@ def accept_verified(session: Session, incoming: IncomingCallback, snapshot: Vouc
         signature_verified=True,
     )
     conn = session.connection()
-    inserted = _INSERT_VERIFIED.first(conn, values)
-    delivery_id = inserted[0] if inserted is not None else None
+    if conn.dialect.name == "postgresql":
+        found = _INSERT_VERIFIED_AND_LOCK.first(conn, {**values, "code": snapshot.code, "sha": snapshot.fingerprint})
+        delivery_id, locked = found[0], locked_row(found[1:])
+    else:
+        inserted = _INSERT_VERIFIED.first(conn, values)
+        delivery_id, locked = (inserted[0] if inserted is not None else None), NOT_LOCKED
     prior = None
     attempts = 1
     if delivery_id is None:
@@ -234,7 +245,9 @@ def accept_verified(session: Session, incoming: IncomingCallback, snapshot: Vouc
             return CallbackResult(DeliveryOutcome.DUPLICATE, prior.id, attempts)
         delivery_id = prior.id
 
-    result = apply_snapshot(session, snapshot, source=Source.CALLBACK, delivery_id=delivery_id, now=incoming.received_at)
+    result = apply_snapshot(
+        session, snapshot, source=Source.CALLBACK, delivery_id=delivery_id, now=incoming.received_at, locked=locked
+    )
     status = _STATUS_FOR_OUTCOME[result.outcome]
     if prior is not None or status is not DeliveryOutcome.ACCEPTED:
         _SET_OUTCOME.rows(conn, {"b_id": delivery_id, "b_outcome": status.value})

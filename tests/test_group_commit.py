@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 
 from receiver.db import WriterTurn, WriterTurnTimeout, is_unavailable
 from receiver.deliveries import IncomingCallback, NonceReused
@@ -225,3 +225,37 @@ def test_writer_turn_gives_up_waiting_after_its_timeout(tmp_path) -> None:  # no
     t.join()
     assert 0.15 <= waited < 1.5
     assert is_unavailable(raised.value), "a locked database must map to 503"
+
+
+def test_a_callback_costs_two_statements_on_postgresql_and_four_on_sqlite(app, db) -> None:  # noqa: ANN001
+    """The hot path's statement budget, BEGIN and COMMIT aside: a new voucher and a status change alike.
+
+    PostgreSQL: the delivery insert and the voucher's row lock are one statement
+    (apply.insert_then_lock), the voucher write and its event another. SQLite runs each in turn.
+    """
+    runtime = app.extensions["rm_voucher_sync"]
+    committer = GroupCommit(runtime.sessions)
+    statements: list[str] = []
+    postgres = runtime.engine.dialect.name == "postgresql"
+
+    @event.listens_for(runtime.engine, "connect")
+    def _count(dbapi_connection, _record) -> None:  # noqa: ANN001
+        if postgres:
+            class Counting(dbapi_connection.cursor_factory):  # psycopg.Cursor
+                def execute(self, query, params=None, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+                    statements.append(str(query))
+                    return super().execute(query, params, **kw)
+
+            dbapi_connection.cursor_factory = Counting
+        else:
+            dbapi_connection.set_trace_callback(statements.append)
+
+    runtime.engine.dispose()  # new connections, counted
+    expected = 2 if postgres else 4 + 2  # SQLite's trace shows BEGIN IMMEDIATE and COMMIT too
+    for status, step in (("VALID", 0), ("ISSUE", 1)):
+        statements.clear()
+        result = committer.submit(*_callback("GCCOUNT", status, step))
+        assert result.status is DeliveryOutcome.ACCEPTED
+        assert len(statements) == expected, statements
+    with db() as s:
+        assert s.scalar(select(Voucher.status).where(Voucher.code == "GCCOUNT")) == "ISSUE"
