@@ -30,7 +30,7 @@ graceful_timeout = 20
 # GIL-bound at 100% of a core while the others idled (PostgreSQL ingest 356 req/s against 650-800
 # when they happened to spread). RM posts a callback at a time, minutes apart, so it gains nothing
 # from keep-alive; a proxy in front may keep its client connections alive as it likes.
-keepalive = int(os.environ.get("XP_KEEPALIVE", "0"))
+keepalive = 0
 
 # Imported only now: importing the receiver package loads prometheus_client, which must already
 # see PROMETHEUS_MULTIPROC_DIR, or every worker would count in its own memory.
