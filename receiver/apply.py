@@ -174,7 +174,7 @@ def locked_row(values: tuple) -> _Locked | None:
 
 
 def apply_snapshot(
-    session: Session,
+    session: Session | Connection,
     snapshot: VoucherSnapshot,
     *,
     source: Source,
@@ -185,21 +185,23 @@ def apply_snapshot(
     """Merge one RM snapshot into the voucher's state and history; the caller commits.
 
     ``locked``: the voucher's row as this transaction already locked it (insert_then_lock), None
-    when it found none; by default apply_snapshot takes the lock itself.
+    when it found none; by default apply_snapshot takes the lock itself. In a Session the outcome
+    is counted in /metrics when it commits; on a bare Connection (the callback hot path, which
+    skips the ORM) the owner of the transaction counts it after its commit (metrics.count_apply).
     """
-    result = _apply(session, snapshot, source, delivery_id, now or utcnow(), locked)
-    note_apply(session, source.value, result.outcome.value)
+    conn = session if isinstance(session, Connection) else session.connection()
+    result = _apply(conn, snapshot, source, delivery_id, now or utcnow(), locked)
+    if isinstance(session, Session):
+        note_apply(session, source.value, result.outcome.value)
     return result
 
 
 def _apply(
-    session: Session, snapshot: VoucherSnapshot, source: Source, delivery_id: int | None, now: datetime,
+    conn: Connection, snapshot: VoucherSnapshot, source: Source, delivery_id: int | None, now: datetime,
     locked: _Locked | None,
 ) -> ApplyResult:
     # Anything other than a pushed callback is RM answering our own question: authoritative.
     authoritative = source is not Source.CALLBACK
-    # Core statements on the session's connection: same transaction, without the ORM's per-statement overhead.
-    conn = session.connection()
     combine = conn.dialect.name == "postgresql"
     lock_params = {"code": snapshot.code, "sha": snapshot.fingerprint}
     row = _lock(conn, lock_params) if locked is NOT_LOCKED else locked

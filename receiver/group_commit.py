@@ -21,10 +21,17 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine
 
 from .db import WriterTurn, is_unavailable
-from .deliveries import CallbackResult, IncomingCallback, NonceReused, accept_verified, receive_verified
+from .deliveries import (
+    CallbackResult,
+    IncomingCallback,
+    NonceReused,
+    accept_verified,
+    count_committed,
+    receive_verified,
+)
 from .metrics import GROUP_COMMIT_CALLBACKS
 from .snapshot import VoucherSnapshot
 
@@ -57,10 +64,8 @@ class BatchStats:
 class GroupCommit:
     """Apply verified callbacks in shared transactions; ``submit`` returns once its callback committed."""
 
-    def __init__(
-        self, sessions: sessionmaker[Session], max_batch: int = DEFAULT_MAX_BATCH, turn: WriterTurn | None = None
-    ) -> None:
-        self.sessions = sessions
+    def __init__(self, engine: Engine, max_batch: int = DEFAULT_MAX_BATCH, turn: WriterTurn | None = None) -> None:
+        self.engine = engine
         self.turn = turn
         self.max_batch = max(1, max_batch)
         self.stats = BatchStats()
@@ -143,13 +148,16 @@ class GroupCommit:
         # row locks) in the same order and cannot deadlock on them.
         ordered = sorted(batch, key=lambda w: w.snapshot.code)
         try:
-            with self.sessions.begin() as session:
+            with self.engine.begin() as conn:
                 for item in ordered:
                     try:
-                        item.result = accept_verified(session, item.incoming, item.snapshot)
+                        item.result = accept_verified(conn, item.incoming, item.snapshot)
                     except NonceReused as exc:
                         # Raised before this delivery wrote anything; the others go on.
                         item.error = exc
+            for item in ordered:
+                if item.result is not None:
+                    count_committed(item.result)
             return
         except Exception as exc:  # noqa: BLE001 - sorted out below, per callback
             failure = exc
@@ -166,6 +174,6 @@ class GroupCommit:
 
     def _alone(self, item: _Waiting) -> None:
         try:
-            item.result = receive_verified(self.sessions, item.incoming, item.snapshot)
+            item.result = receive_verified(self.engine, item.incoming, item.snapshot)
         except Exception as exc:  # noqa: BLE001 - each caller maps its own error to a response
             item.error = exc

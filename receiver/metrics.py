@@ -57,6 +57,11 @@ def note_apply(session: Session, source: str, outcome: str) -> None:
     session.info.setdefault(_PENDING, []).append((source, outcome))
 
 
+def count_apply(source: str, outcome: str) -> None:
+    """Count an apply outcome that its owner has just committed on a bare Connection."""
+    APPLY_OUTCOMES.labels(source, outcome).inc()
+
+
 @event.listens_for(Session, "after_commit")
 def _count_committed(session: Session) -> None:
     for source, outcome in session.info.pop(_PENDING, ()):

@@ -58,7 +58,7 @@ class Runtime:
             sessions=sessions,
             server_public_key=key,
             rejection_limiter=RejectionLimiter(settings.rejected_deliveries_per_minute),
-            callbacks=GroupCommit(sessions, turn=writer_turn(engine, settings.sqlite_busy_timeout_seconds)),
+            callbacks=GroupCommit(engine, turn=writer_turn(engine, settings.sqlite_busy_timeout_seconds)),
         )
 
 

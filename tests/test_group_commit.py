@@ -83,7 +83,7 @@ def _submit_all(committer: GroupCommit, callbacks: list, runtime, blocked_code: 
 
 def test_callbacks_waiting_together_commit_in_one_transaction_each_with_its_own_outcome(app, db) -> None:  # noqa: ANN001
     runtime = app.extensions["rm_voucher_sync"]
-    committer = GroupCommit(runtime.sessions, max_batch=32)
+    committer = GroupCommit(runtime.engine, max_batch=32)
     totals_before = _group_totals()
     first = _callback("GCFIRST", "VALID", 0)
     committer.submit(*first)  # the voucher exists, so its row lock can be held below
@@ -129,7 +129,7 @@ def test_callbacks_waiting_together_commit_in_one_transaction_each_with_its_own_
 
 def test_one_failing_callback_is_retried_alone_and_does_not_fail_the_others(app, db) -> None:  # noqa: ANN001
     runtime = app.extensions["rm_voucher_sync"]
-    committer = GroupCommit(runtime.sessions)
+    committer = GroupCommit(runtime.engine)
     committer.submit(*_callback("GCLOCK", "VALID", 0))
     incoming, snapshot = _callback("GCBAD", "VALID", 0)
     # A value no database column takes: stands in for a bug of ours on one delivery.
@@ -149,7 +149,7 @@ def test_one_failing_callback_is_retried_alone_and_does_not_fail_the_others(app,
 
 def test_many_threads_converge_to_the_newest_snapshot_of_every_voucher(app, db) -> None:  # noqa: ANN001
     runtime = app.extensions["rm_voucher_sync"]
-    committer = GroupCommit(runtime.sessions, max_batch=8)
+    committer = GroupCommit(runtime.engine, max_batch=8)
     codes = [f"GCM{i:03d}" for i in range(40)]
     callbacks = [_callback(code, status, step) for code in codes for step, status in
                  enumerate(("VALID", "ISSUE", "REDEEMED"))]
@@ -234,7 +234,7 @@ def test_a_callback_costs_two_statements_on_postgresql_and_four_on_sqlite(app, d
     (apply.insert_then_lock), the voucher write and its event another. SQLite runs each in turn.
     """
     runtime = app.extensions["rm_voucher_sync"]
-    committer = GroupCommit(runtime.sessions)
+    committer = GroupCommit(runtime.engine)
     statements: list[str] = []
     postgres = runtime.engine.dialect.name == "postgresql"
 
