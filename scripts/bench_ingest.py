@@ -454,6 +454,8 @@ def describe(r: loadgen.PhaseResult) -> str:
         parts.append(f"achieved {e['achieved_rate']:.1f}/s of {e['offered_rate']:g}/s offered; service time p50 "
                      f"{e['service_ms']['p50']:.1f} ms p99 {e['service_ms']['p99']:.1f} ms; generator send lag p99 "
                      f"{e['send_lag_ms']['p99']:.2f} ms max {e['send_lag_ms']['max']:.2f} ms")
+        if e.get("slowest"):
+            parts.append("slowest " + ", ".join(f"{ms:.0f} ms at {at:.1f} s" for ms, at in e["slowest"]))
     return "; ".join(parts)
 
 
