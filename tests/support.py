@@ -270,7 +270,7 @@ class TcpProxy:
                     if not data:
                         return
                     (b if src is a else a).sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: cut() closed a socket while select() waited on it
             return
         finally:
             a.close()
