@@ -368,12 +368,8 @@ class Runner:
                     if round_ > 0:
                         out["rounds"][which].append(result)
 
-        def median(results: list[loadgen.PhaseResult]) -> loadgen.PhaseResult:
-            ordered = sorted(results, key=lambda r: r.rate)
-            return ordered[(len(ordered) - 1) // 2]
-
-        out["empty"] = median(out["rounds"]["empty"])
-        out["loaded"] = median(out["rounds"]["loaded"])
+        out["empty"] = median_rate(out["rounds"]["empty"])
+        out["loaded"] = median_rate(out["rounds"]["loaded"])
         out["ratio"] = out["loaded"].rate / out["empty"].rate if out["empty"].rate else float("nan")
         rates = {k: ", ".join(f"{r.rate:.0f}" for r in v) for k, v in out["rounds"].items()}
         log(f"    rounds (req/s): empty {rates['empty']}; loaded {rates['loaded']}")

@@ -21,6 +21,11 @@ def _stat(pid: int) -> tuple[str, int, float, int] | None:
     return comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK, int(fields[19])
 
 
+def process_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes; ones that are gone count nothing."""
+    return sum(found[2] for found in map(_stat, pids) if found is not None)
+
+
 def _all() -> dict[int, tuple[str, int, float, int]]:
     out = {}
     for entry in os.listdir("/proc"):

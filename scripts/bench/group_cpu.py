@@ -24,15 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def backend_cpu(pids: list[int]) -> float:
-    """CPU seconds used so far by these PostgreSQL backends."""
-    total = 0.0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code", default=str(ROOT), help="checkout whose receiver/ to measure (default: this one)")
@@ -42,11 +33,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     code = str(Path(args.code).resolve())
-    sys.path[:0] = [code]
+    sys.path[:0] = [code, str(ROOT / "scripts")]
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="rmvs-groupcpu-"))
 
     from sqlalchemy import text
 
+    from bench import cpu
     from receiver.db import make_engine, normalise_url
     from receiver.deliveries import IncomingCallback
     from receiver.group_commit import GroupCommit, _Waiting
@@ -82,12 +74,12 @@ def main() -> int:
                                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")))
             probe.dispose()
             count = sum(len(g) for g in groups[1:])
-            db0, app0 = backend_cpu(pids), time.process_time()
+            db0, app0 = cpu.process_seconds(pids), time.process_time()
             for group in groups[1:]:
                 committer._run(group)
                 failed = [w.error for w in group if w.result is None]
                 assert not failed, failed
-            figures.append(((time.process_time() - app0) / count * 1000, (backend_cpu(pids) - db0) / count * 1000))
+            figures.append(((time.process_time() - app0) / count * 1000, (cpu.process_seconds(pids) - db0) / count * 1000))
         engine.dispose()
     finally:
         drop_postgres_database(admin, url)

@@ -186,18 +186,6 @@ def statement_label(sql: str) -> str:
     return f"SQL {verb} {rest}"
 
 
-def _process_cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system) used so far by these processes (the database backends)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def cpu_per_callback(kind: str, db: Database, app, stderr_sink, rounds: int, callbacks: int) -> None:  # noqa: ANN001
     """CPU per callback of hello / minimal / project in this process, rounds alternating.
 
@@ -224,11 +212,11 @@ def cpu_per_callback(kind: str, db: Database, app, stderr_sink, rounds: int, cal
                     backends = list(conn.scalars(sql(
                         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")))
             records = signed_records(callbacks, "lifecycle")
-            db0, app0 = _process_cpu(backends), time.process_time()
+            db0, app0 = cpu.process_seconds(backends), time.process_time()
             with contextlib.redirect_stderr(stderr_sink):
                 for r in records:
                     client.post(r.path, data=r.body, headers=r.headers)
-            figures[name].append(((time.process_time() - app0) / len(records), (_process_cpu(backends) - db0) / len(records)))
+            figures[name].append(((time.process_time() - app0) / len(records), (cpu.process_seconds(backends) - db0) / len(records)))
     log(f"\n--- CPU per callback, in-process, {rounds} alternating rounds of {callbacks} (app + database; medians) ---")
 
     def median(values: list[float]) -> float:
