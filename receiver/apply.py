@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Insert, bindparam, exists, func, insert, lite
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from .db import Direct, insert_unless_conflict
+from .db import Direct, connection_of, insert_unless_conflict
 from .metrics import note_apply
 from .models import Source, Voucher, VoucherEvent, utcnow
 from .snapshot import VoucherSnapshot
@@ -189,7 +189,7 @@ def apply_snapshot(
     is counted in /metrics when it commits; on a bare Connection (the callback hot path, which
     skips the ORM) the owner of the transaction counts it after its commit (metrics.count_apply).
     """
-    conn = session if isinstance(session, Connection) else session.connection()
+    conn = connection_of(session)
     result = _apply(conn, snapshot, source, delivery_id, now or utcnow(), locked)
     if isinstance(session, Session):
         note_apply(session, source.value, result.outcome.value)

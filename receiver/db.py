@@ -270,6 +270,11 @@ class Direct:
         return rows[0] if rows else None
 
 
+def connection_of(target: Session | Connection) -> Connection:
+    """The Connection to run Core statements on: ``target`` itself, or a Session's (same transaction)."""
+    return target if isinstance(target, Connection) else target.connection()
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded values after commit (views read them to build responses)."""
     return sessionmaker(engine, expire_on_commit=False)

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .apply import NOT_LOCKED, ApplyResult, apply_snapshot, insert_then_lock, locked_row
-from .db import Direct, insert_unless_conflict
+from .db import Direct, connection_of, insert_unless_conflict
 from .metrics import count_apply
 from .models import DeliveryOutcome, Source, WebhookDelivery, utcnow
 from .snapshot import VoucherSnapshot
@@ -227,7 +227,7 @@ def accept_verified(
         voucher_code=snapshot.code,
         signature_verified=True,
     )
-    conn = session if isinstance(session, Connection) else session.connection()
+    conn = connection_of(session)
     if conn.dialect.name == "postgresql":
         found = _INSERT_VERIFIED_AND_LOCK.first(conn, {**values, "code": snapshot.code, "sha": snapshot.fingerprint})
         delivery_id, locked = found[0], locked_row(found[1:])

@@ -65,7 +65,7 @@ def count_apply(source: str, outcome: str) -> None:
 @event.listens_for(Session, "after_commit")
 def _count_committed(session: Session) -> None:
     for source, outcome in session.info.pop(_PENDING, ()):
-        APPLY_OUTCOMES.labels(source, outcome).inc()
+        count_apply(source, outcome)
 
 
 @event.listens_for(Session, "after_rollback")
