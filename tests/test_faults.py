@@ -36,15 +36,23 @@ def test_sigkill_workers_and_master_under_load_loses_nothing(settings_env, db, f
     sender = threading.Thread(
         target=lambda: statuses.extend(fake_rm.deliver(server.base + CALLBACK_PATH, changes, plan, workers=8))
     )
+    def sent_at_least(fraction: float) -> None:
+        # Kills follow the sender's progress, not the clock: on a fast run a fixed schedule found
+        # every callback already delivered, and nothing was left to lose.
+        deadline = time.monotonic() + 60
+        while fake_rm.callbacks_sent < fraction * len(changes) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
     try:
         sender.start()
         rnd = random.Random(5)
-        for _ in range(3):
-            time.sleep(0.4)
+        for fraction in (0.1, 0.2, 0.3):
+            sent_at_least(fraction)
             pids = server.worker_pids()
             if pids:
                 os.kill(rnd.choice(pids), signal.SIGKILL)
-        time.sleep(0.4)
+        sent_at_least(0.45)
+        assert sender.is_alive(), "the master must die with callbacks still to send"
         server.kill_master()
         server.start()  # same port: RM's retries find it again
         sender.join(timeout=180)
