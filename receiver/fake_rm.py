@@ -46,8 +46,34 @@ def serve_in_thread(app: Flask, host: str, port: int, threads: int, name: str): 
     # Answers delayed past shutdown make waitress log socket errors; the fake's own log is what matters.
     logging.getLogger("waitress").setLevel(logging.CRITICAL)
     server = create_server(app, host=host, port=port, threads=threads, channel_timeout=30)
+    _guard_trigger(server.trigger)
     threading.Thread(target=server.run, name=name, daemon=True).start()
     return server, f"http://{host}:{server.effective_port}"
+
+
+def stop_serving(server) -> None:  # noqa: ANN001
+    """Stop a server from serve_in_thread: let answers in progress finish (up to 5 s), then close its sockets."""
+    server.task_dispatcher.shutdown(timeout=5)
+    with server.trigger.lock:
+        server.close()
+
+
+def _guard_trigger(trigger) -> None:  # noqa: ANN001
+    """Make waitress's wake-up pipe safe to close while task threads may still pull it.
+
+    A task thread that finishes an answer after close() writes b"x" to the pipe's old descriptor
+    number, which the process may by then have reused, e.g. for a PostgreSQL connection (seen as
+    "invalid frontend message type 120" in the tests). Pulls and the close now share the
+    trigger's lock, and a pull after the close writes nothing.
+    """
+    pull = trigger._physical_pull
+
+    def guarded_pull() -> None:
+        with trigger.lock:
+            if not trigger._closed:
+                pull()
+
+    trigger._physical_pull = guarded_pull
 
 
 def run_until_interrupted(shutdown: Callable[[], None]) -> None:
@@ -680,7 +706,8 @@ class FakeRM:
     def shutdown(self) -> None:
         """Stop serving."""
         if self._server is not None:
-            self._server.close()
+            stop_serving(self._server)
+            self._server = None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
 
-from .fake_rm import Faults, LoggedRequest, run_until_interrupted, serve_in_thread
+from .fake_rm import Faults, LoggedRequest, run_until_interrupted, serve_in_thread, stop_serving
 
 PIN_ATTEMPTS = 3
 REQUIRED = "This field is required."
@@ -534,7 +534,8 @@ class FakeStamps:
     def shutdown(self) -> None:
         """Stop serving."""
         if self._server is not None:
-            self._server.close()
+            stop_serving(self._server)
+            self._server = None
 
 
 def _short(have: int, need: int) -> str:

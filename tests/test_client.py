@@ -180,3 +180,22 @@ def test_batches_are_paged(rm_client, fake_rm) -> None:  # noqa: ANN001
     pages = list(rm_client.batch_voucher_pages("batch-0"))
     resumed = [item["code"] for items, _ in rm_client.batch_voucher_pages("batch-0", pages[0][1]) for item in items]
     assert resumed == [item["code"] for items, _ in pages[1:] for item in items]
+
+
+def test_a_stopped_fake_never_writes_to_a_reused_descriptor(fake_rm) -> None:  # noqa: ANN001
+    """A fake's late wake-up after shutdown must not land in whatever now holds its old pipe's number."""
+    import os
+
+    trigger = fake_rm._server.trigger
+    old_write_end = trigger.trigger
+    fake_rm.shutdown()
+    r, w = os.pipe()
+    os.dup2(w, old_write_end)  # the number is free again: say a new connection got it
+    try:
+        trigger.pull_trigger()  # what a task thread finishing an answer after shutdown does
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)
+    finally:
+        for fd in {r, w, old_write_end}:
+            os.close(fd)
