@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask, Response, jsonify, request
+from waitress import wasyncore
 from waitress.server import create_server
 
 from .signature import SignatureError, load_private_key, load_public_key, sign_request, verify_signed
@@ -47,15 +48,24 @@ def serve_in_thread(app: Flask, host: str, port: int, threads: int, name: str): 
     logging.getLogger("waitress").setLevel(logging.CRITICAL)
     server = create_server(app, host=host, port=port, threads=threads, channel_timeout=30)
     _guard_trigger(server.trigger)
-    threading.Thread(target=server.run, name=name, daemon=True).start()
+    server.loop_thread = threading.Thread(target=server.run, name=name, daemon=True)
+    server.loop_thread.start()
     return server, f"http://{host}:{server.effective_port}"
 
 
 def stop_serving(server) -> None:  # noqa: ANN001
     """Stop a server from serve_in_thread: let answers in progress finish (up to 5 s), then close its sockets."""
     server.task_dispatcher.shutdown(timeout=5)
-    with server.trigger.lock:
-        server.close()
+
+    def close_everything() -> None:
+        # Run by the loop's own thread, so no select() of its is left waiting on a closed descriptor.
+        wasyncore.close_all(server._map)
+
+    server.trigger.pull_trigger(close_everything)
+    server.loop_thread.join(5)
+    if server.loop_thread.is_alive():  # the loop is stuck: close from here after all
+        with server.trigger.lock:
+            wasyncore.close_all(server._map)
 
 
 def _guard_trigger(trigger) -> None:  # noqa: ANN001
