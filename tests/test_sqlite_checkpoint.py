@@ -1,0 +1,97 @@
+"""SQLite WAL checkpoints run on the Checkpointer's thread, not inside commits, and still bound the WAL."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import text
+
+from receiver.db import checkpointer_of, make_engine, writer_turn
+
+PAGE = 4096
+
+
+def _wal_size(path: Path) -> int:
+    try:
+        return os.path.getsize(f"{path}-wal")
+    except FileNotFoundError:
+        return 0
+
+
+def test_commits_do_not_checkpoint_and_the_checkpointer_copies_the_wal_then_stops(tmp_path: Path) -> None:
+    """A commit leaves the WAL to the Checkpointer's thread, which copies it into the file and ends when idle."""
+    path = tmp_path / "c.db"
+    engine = make_engine(f"sqlite:///{path}")
+    checkpointer = checkpointer_of(engine)
+    assert checkpointer is not None
+    checkpointer.idle = 0.5
+    with engine.begin() as conn:
+        # The setting that keeps a checkpoint out of the commit (and so out of the writer turn).
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        conn.execute(text("CREATE TABLE blobs (b BLOB)"))
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO blobs VALUES (:b)"), [{"b": os.urandom(PAGE)} for _ in range(2000)])
+    assert _wal_size(path) > 2000 * PAGE
+
+    deadline = time.monotonic() + 10
+    while os.path.getsize(path) < 2000 * PAGE and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert os.path.getsize(path) >= 2000 * PAGE, "the checkpointer copied the WAL into the database file"
+    assert checkpointer.checkpoints >= 1
+    while checkpointer.running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not checkpointer.running(), "the thread ends once commits stop"
+    with engine.begin() as conn:  # and a later commit starts it again
+        conn.execute(text("INSERT INTO blobs VALUES (x'00')"))
+    assert checkpointer.running()
+    engine.dispose()
+
+
+def test_wal_stays_bounded_under_back_to_back_writers(tmp_path: Path) -> None:
+    """Writers that never pause (as under a burst) cannot grow the WAL past its bound: the checkpointer takes the turn."""
+    path = tmp_path / "w.db"
+    engine = make_engine(f"sqlite:///{path}", sqlite_synchronous="NORMAL")
+    checkpointer = checkpointer_of(engine)
+    assert checkpointer is not None
+    checkpointer.restart_frames = 500
+    checkpointer.interval = 0.02
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE blobs (b BLOB)"))
+
+    largest = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal largest
+        while not stop.is_set():
+            largest = max(largest, _wal_size(path))
+            time.sleep(0.002)
+
+    def write(n: int) -> None:
+        # A WriterTurn of its own, like a web worker process: the writers meet only at the flock.
+        turn = writer_turn(engine, 10.0)
+        assert turn is not None
+        for _ in range(n):
+            with turn.hold(), engine.begin() as conn:
+                conn.execute(text("INSERT INTO blobs VALUES (:b)"), [{"b": os.urandom(PAGE)} for _ in range(16)])
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    writers = [threading.Thread(target=write, args=(400,)) for _ in range(2)]
+    try:
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+    finally:
+        stop.set()
+        watcher.join()
+    written = 2 * 400 * 17 * PAGE  # ~55 MB of WAL frames without a restart
+    assert checkpointer.before_begins >= 1
+    assert largest < 12 * 1024 * 1024, f"WAL reached {largest / 2**20:.1f} MB of {written / 2**20:.0f} MB written"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM blobs")).scalar() == 2 * 400 * 16
+    engine.dispose()
