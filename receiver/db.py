@@ -174,7 +174,7 @@ class Checkpointer:
     """
 
     def __init__(
-        self, path: str, synchronous: str = "FULL", *, interval: float = 0.2, restart_frames: int = 4000, idle: float = 30.0
+        self, path: str, synchronous: str = "FULL", *, interval: float = 0.2, restart_frames: int = 1000, idle: float = 30.0
     ) -> None:
         self.path = path
         self.synchronous = synchronous
