@@ -219,7 +219,9 @@ class Checkpointer:
 
     def _run(self) -> None:
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # mode=rw: a database file that has gone away is an error here, not a new empty file.
+            uri = Path(self.path).as_uri() + "?mode=rw"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as error:
             log.warning("sqlite checkpointer cannot open the database: %s", error)
             with self._lock:

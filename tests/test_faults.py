@@ -36,6 +36,7 @@ def test_sigkill_workers_and_master_under_load_loses_nothing(settings_env, db, f
     sender = threading.Thread(
         target=lambda: statuses.extend(fake_rm.deliver(server.base + CALLBACK_PATH, changes, plan, workers=8))
     )
+
     def sent_at_least(fraction: float) -> None:
         # Kills follow the sender's progress, not the clock: on a fast run a fixed schedule found
         # every callback already delivered, and nothing was left to lose.

@@ -95,3 +95,17 @@ def test_wal_stays_bounded_under_back_to_back_writers(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM blobs")).scalar() == 2 * 400 * 16
     engine.dispose()
+
+
+def test_checkpointer_never_creates_a_database_that_has_gone(tmp_path: Path) -> None:
+    """A nudge after the database file was removed logs and ends; it does not leave an empty new database."""
+    from receiver.db import Checkpointer
+
+    gone = tmp_path / "gone.db"
+    checkpointer = Checkpointer(str(gone), idle=0.1)
+    checkpointer.nudge()
+    deadline = time.monotonic() + 5
+    while checkpointer.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not checkpointer.running()
+    assert not gone.exists()
