@@ -67,3 +67,34 @@ def test_voucher_events_are_append_only(migrated_url: str) -> None:
             assert conn.execute(text("SELECT to_status FROM voucher_events")).scalars().all() == ["VALID"]
     finally:
         engine.dispose()
+
+
+def test_upgrade_to_0004_refuses_duplicate_verified_nonces_with_a_clear_message(database_url: str) -> None:
+    """Two verified deliveries with one nonce stop the upgrade before it changes anything, naming the nonce."""
+    config = alembic_config(database_url)
+    engine = make_engine(database_url)
+    try:
+        command.upgrade(config, "0003")
+        with engine.begin() as conn:
+            for i in (1, 2):
+                conn.execute(
+                    text(
+                        "INSERT INTO webhook_deliveries (received_at, last_received_at, body_sha256, dedupe_key, "
+                        "outcome, http_status, attempts, signature_verified, nonce, body_truncated) VALUES "
+                        "(CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :sha, :sha, 'accepted', 200, 1, :t, 'n-twice', :f)"
+                    ),
+                    {"sha": f"{i:064d}", "t": True, "f": False},
+                )
+        with pytest.raises(Exception, match="'n-twice' \\(2 rows\\)"):
+            command.upgrade(config, "head")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+            assert conn.execute(text("SELECT count(*) FROM webhook_deliveries")).scalar() == 2
+        with engine.begin() as conn:  # the operator resolves it; the upgrade then goes through
+            conn.execute(text("UPDATE webhook_deliveries SET nonce = 'n-resolved' WHERE dedupe_key = :sha"),
+                         {"sha": f"{2:064d}"})
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == migration_head()
+    finally:
+        engine.dispose()

@@ -36,7 +36,32 @@ def _partial_index(name: str, table: str, columns: list[str], where: dict[str, s
     )
 
 
+class DuplicateVerifiedNonces(RuntimeError):
+    """Verified deliveries share a nonce, so the unique index cannot be built; nothing was changed."""
+
+
+def _refuse_duplicate_verified_nonces() -> None:
+    # Checked before any change, so the database stays at 0003 and the message says what to look
+    # at, instead of a bare unique-violation from CREATE INDEX halfway through the upgrade.
+    rows = op.get_bind().execute(
+        sa.text(
+            "SELECT nonce, count(*) AS n FROM webhook_deliveries WHERE signature_verified = :verified "
+            "AND nonce IS NOT NULL GROUP BY nonce HAVING count(*) > 1 ORDER BY nonce"
+        ),
+        {"verified": True},
+    ).all()
+    if rows:
+        shown = ", ".join(f"{nonce!r} ({n} rows)" for nonce, n in rows[:5])
+        raise DuplicateVerifiedNonces(
+            f"{len(rows)} nonce(s) appear on more than one verified delivery: {shown}. Migration 0004 makes "
+            "a verified nonce unique (a reused nonce is a replayed signature). Look at them with: SELECT id, "
+            "received_at, outcome, body_sha256 FROM webhook_deliveries WHERE signature_verified AND nonce IN "
+            "(...); decide which are genuine, then run the upgrade again."
+        )
+
+
 def upgrade() -> None:
+    _refuse_duplicate_verified_nonces()
     op.drop_index("ix_webhook_deliveries_nonce", table_name="webhook_deliveries")
     _partial_index(
         "uq_webhook_deliveries_verified_nonce", "webhook_deliveries", ["nonce"], unique=True,
