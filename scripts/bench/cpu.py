@@ -26,6 +26,18 @@ def process_seconds(pids: list[int]) -> float:
     return sum(found[2] for found in map(_stat, pids) if found is not None)
 
 
+def postgres_backend_pids(engine) -> list[int]:  # noqa: ANN001
+    """PIDs of the PostgreSQL backends serving the engine's database, except the one asking.
+
+    Ask through an engine other than the measured one: its pooled connection would be the one left out.
+    """
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        return list(conn.scalars(text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")))
+
+
 def _all() -> dict[int, tuple[str, int, float, int]]:
     out = {}
     for entry in os.listdir("/proc"):

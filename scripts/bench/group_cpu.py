@@ -36,8 +36,6 @@ def main() -> int:
     sys.path[:0] = [code, str(ROOT / "scripts")]
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="rmvs-groupcpu-"))
 
-    from sqlalchemy import text
-
     from bench import cpu
     from receiver.db import make_engine, normalise_url
     from receiver.deliveries import IncomingCallback
@@ -69,9 +67,7 @@ def main() -> int:
                     groups.append([waiting(c, status, step) for c in codes])
             committer._run(groups[0])  # opens the connection this round measures
             probe = make_engine(url)
-            with probe.connect() as conn:
-                pids = list(conn.scalars(text("SELECT pid FROM pg_stat_activity "
-                                              "WHERE datname = current_database() AND pid <> pg_backend_pid()")))
+            pids = cpu.postgres_backend_pids(probe)
             probe.dispose()
             count = sum(len(g) for g in groups[1:])
             db0, app0 = cpu.process_seconds(pids), time.process_time()

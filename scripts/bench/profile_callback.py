@@ -193,8 +193,6 @@ def cpu_per_callback(kind: str, db: Database, app, stderr_sink, rounds: int, cal
     apps measured back to back in one process is far steadier, and it is what bounds throughput
     when the two cores are saturated. PostgreSQL's share is read from its backends' /proc stats.
     """
-    from sqlalchemy import text as sql
-
     from bench import baseline_apps
 
     baseline_apps.create_minimal_table(db.engine)
@@ -206,11 +204,7 @@ def cpu_per_callback(kind: str, db: Database, app, stderr_sink, rounds: int, cal
             with contextlib.redirect_stderr(stderr_sink):
                 for r in signed_records(50, "lifecycle"):
                     assert client.post(r.path, data=r.body, headers=r.headers).status_code == 200
-            backends: list[int] = []
-            if kind == "postgresql":
-                with db.engine.connect() as conn:
-                    backends = list(conn.scalars(sql(
-                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")))
+            backends = cpu.postgres_backend_pids(db.engine) if kind == "postgresql" else []
             records = signed_records(callbacks, "lifecycle")
             db0, app0 = cpu.process_seconds(backends), time.process_time()
             with contextlib.redirect_stderr(stderr_sink):
