@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from receiver.config import ConfigError, default_web_concurrency, default_web_threads, load_settings
+from tests.support import ROOT, fresh_settings_env
 
 
 def _base(vectors: dict) -> dict[str, str]:
@@ -104,3 +109,26 @@ def test_default_workers_and_threads_per_database() -> None:
     assert default_web_concurrency(4) == 5
     assert default_web_threads("postgresql://root@127.0.0.1/db") == 8  # threaded: group commit
     assert default_web_threads(None) == default_web_threads("sqlite:///x.db") == 1  # sync workers
+
+
+def test_workers_freeze_the_loaded_app_out_of_full_collections(vectors: dict, tmp_path: Path) -> None:
+    """gunicorn.conf.py's post_worker_init: full GC collections stop walking the app's start-up objects."""
+    # In a child process: freezing is process-wide and would change this test process's collector.
+    probe = (
+        "import gc, json, runpy\n"
+        "conf = runpy.run_path('gunicorn.conf.py')\n"
+        "from receiver import create_app\n"
+        "create_app()\n"
+        "gc.collect()\n"
+        "before = len(gc.get_objects())\n"
+        "conf['post_worker_init'](None)\n"
+        "print(json.dumps({'before': before, 'after': len(gc.get_objects()), 'frozen': gc.get_freeze_count()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RM_", "DATABASE_URL", "OPS_"))}
+    env.update(fresh_settings_env(f"sqlite:///{tmp_path / 'app.db'}", vectors, tmp_path))
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["before"] > 20_000  # the loaded app: Flask, SQLAlchemy, cryptography, psycopg
+    assert counts["frozen"] >= counts["before"]
+    assert counts["after"] < counts["before"] / 20  # what a full collection still walks
