@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from sqlalchemy import Connection, Engine, Executable, Table, TextClause, bindparam, create_engine, event, exc, text
 from sqlalchemy.engine import make_url
@@ -79,14 +79,34 @@ def make_engine(
 # A pooled connection unused for longer than this is checked before use.
 PING_AFTER_IDLE_SECONDS = 5.0
 
+T = TypeVar("T")
+
+
+def once_more_if_connection_died(work: Callable[[], T]) -> T:
+    """Run ``work``, one whole transaction; run it once more if it failed on a pooled connection found dead."""
+    # A connection used less than PING_AFTER_IDLE_SECONDS ago is not pinged, so one that died since
+    # (the database restarted, a proxy or failover dropped it) is found dead only by the statement
+    # sent on it. SQLAlchemy then invalidates it and every pooled connection as old, so the second
+    # run connects afresh: it succeeds if the database is back, and fails (a 503) if it is down.
+    # Running a callback's transaction again is safe even when the lost answer was that of its
+    # COMMIT: the delivery's unique key makes the second run find it and answer "duplicate".
+    try:
+        return work()
+    except exc.DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+        log.warning("database connection found dead, retrying once on a new one: %s", type(error.orig).__name__)
+    return work()
+
 
 def _ping_when_idle(engine: Engine) -> None:
     """Check a pooled connection only when it sat idle: a dead one after a database restart is replaced.
 
     SQLAlchemy's pool_pre_ping costs a round trip on every checkout, i.e. on every callback. A
     connection that came back to the pool moments ago was alive moments ago; if it died since,
-    the request fails with a disconnect error (a 503 that RM retries), and SQLAlchemy replaces
-    every connection older than that failure.
+    its first statement fails with a disconnect error, SQLAlchemy replaces every connection
+    older than that failure, and a callback runs its transaction once more
+    (once_more_if_connection_died).
     """
 
     @event.listens_for(engine, "checkin")

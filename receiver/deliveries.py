@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .apply import NOT_LOCKED, ApplyResult, apply_snapshot, insert_then_lock, locked_row
-from .db import Direct, connection_of, insert_unless_conflict
+from .db import Direct, connection_of, insert_unless_conflict, once_more_if_connection_died
 from .metrics import count_apply
 from .models import DeliveryOutcome, Source, WebhookDelivery, utcnow
 from .snapshot import VoucherSnapshot
@@ -305,10 +305,13 @@ def receive_verified(engine: Engine, incoming: IncomingCallback, snapshot: Vouch
     bookkeeping cost ~0.1 ms a callback. Two identical deliveries racing each other collide on
     the unique dedupe key; the loser retries once and finds the winner's row.
     """
+    def transaction() -> CallbackResult:
+        with engine.begin() as conn:
+            return accept_verified(conn, incoming, snapshot)
+
     for attempt in range(3):
         try:
-            with engine.begin() as conn:
-                result = accept_verified(conn, incoming, snapshot)
+            result = once_more_if_connection_died(transaction)
             count_committed(result)
             return result
         except IntegrityError:

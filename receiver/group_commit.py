@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
-from .db import WriterTurn, is_unavailable
+from .db import WriterTurn, is_unavailable, once_more_if_connection_died
 from .deliveries import (
     CallbackResult,
     IncomingCallback,
@@ -147,7 +147,10 @@ class GroupCommit:
         # One order for every batch: two workers' transactions then lock vouchers (PostgreSQL
         # row locks) in the same order and cannot deadlock on them.
         ordered = sorted(batch, key=lambda w: w.snapshot.code)
-        try:
+
+        def transaction() -> None:
+            for item in ordered:  # a second run starts afresh
+                item.result = item.error = None
             with self.engine.begin() as conn:
                 for item in ordered:
                     try:
@@ -155,6 +158,9 @@ class GroupCommit:
                     except NonceReused as exc:
                         # Raised before this delivery wrote anything; the others go on.
                         item.error = exc
+
+        try:
+            once_more_if_connection_died(transaction)
             for item in ordered:
                 if item.result is not None:
                     count_committed(item.result)

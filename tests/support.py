@@ -227,6 +227,24 @@ def gunicorn_server(env: dict[str, str], *, workers: int = 4) -> Iterator[str]:
         server.stop()
 
 
+def terminate_backends(admin_url: str, url: str) -> int:
+    """End every server process connected to ``url``'s database, as a PostgreSQL restart would; how many."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            # The timeout makes each call wait until that process has exited, so clients find it gone.
+            return len(conn.execute(
+                text("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                     "WHERE datname = :db AND pid <> pg_backend_pid()"),
+                {"db": make_url(url).database},
+            ).all())
+    finally:
+        admin.dispose()
+
+
 class TcpProxy:
     """A loopback TCP proxy that a test can cut and restore, to take a database away mid-run."""
 
