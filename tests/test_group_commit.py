@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import secrets
 import signal
 import threading
@@ -176,6 +177,17 @@ def test_many_threads_converge_to_the_newest_snapshot_of_every_voucher(app, db) 
         assert s.scalar(select(func.count()).select_from(VoucherEvent)) == len(callbacks)
 
 
+def _blocked_flock_waiters(path) -> list[int]:  # noqa: ANN001
+    """PIDs queued in a blocking flock on this file (Linux /proc/locks "->" lines)."""
+    inode = os.stat(path).st_ino
+    pids = []
+    for line in open("/proc/locks").read().splitlines():  # noqa: SIM115
+        fields = line.split()
+        if "->" in fields and "FLOCK" in fields and fields[-3].endswith(f":{inode}"):
+            pids.append(int(fields[-4]))
+    return pids
+
+
 def test_writer_turn_excludes_other_processes_and_a_killed_holder_releases_it(tmp_path) -> None:  # noqa: ANN001
     turn = WriterTurn(str(tmp_path / "db-writer.lock"), timeout=5)
     ready_r, ready_w = os.pipe()
@@ -197,6 +209,8 @@ def test_writer_turn_excludes_other_processes_and_a_killed_holder_releases_it(tm
     waiter = threading.Thread(target=take)
     waiter.start()
     assert not took.wait(0.3), "the turn was taken while another process held it"
+    # The waiter sleeps in the kernel's queue for the lock (woken by the release), not polling it.
+    assert _blocked_flock_waiters(tmp_path / "db-writer.lock") == [os.getpid()]
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     assert took.wait(2), "the turn of a killed process was not released"
@@ -289,3 +303,63 @@ def test_a_transaction_on_a_pooled_connection_that_died_runs_once_more_on_a_new_
         if engine is not None:
             engine.dispose()
         drop_postgres_database(postgres_admin_url, url)
+
+
+def test_writer_turn_is_exclusive_while_writers_give_up_and_others_take_over(tmp_path) -> None:  # noqa: ANN001
+    """Processes and threads taking turns, many giving up on short deadlines: never two holders at once."""
+    lock_path = str(tmp_path / "x-writer.lock")
+    marker = tmp_path / "inside"
+
+    def work(seed: int) -> tuple[int, int, int]:
+        rng = random.Random(seed)
+        turn_threads = WriterTurn(lock_path, timeout=0.003)  # one per process, shared by its threads
+        counts = [0, 0, 0]  # held, gave up, overlaps seen
+
+        def writer() -> None:
+            for _ in range(150):
+                turn_threads.timeout = rng.choice((0.0005, 0.002, 0.02))
+                try:
+                    with turn_threads.hold():
+                        try:
+                            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                        except FileExistsError:
+                            counts[2] += 1
+                            continue
+                        time.sleep(rng.choice((0.0, 0.0002, 0.001)))
+                        os.close(fd)
+                        os.unlink(marker)
+                        counts[0] += 1
+                except WriterTurnTimeout:
+                    counts[1] += 1
+
+        threads = [threading.Thread(target=writer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return counts[0], counts[1], counts[2]
+
+    pipes, pids = [], []
+    for seed in range(3):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(w, json.dumps(work(seed)).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        pipes.append(r)
+        pids.append(pid)
+    totals = [0, 0, 0]
+    for r, pid in zip(pipes, pids):
+        data = b""
+        while chunk := os.read(r, 4096):
+            data += chunk
+        os.waitpid(pid, 0)
+        for i, n in enumerate(json.loads(data)):
+            totals[i] += n
+    held, gave_up, overlaps = totals
+    assert overlaps == 0, "two writers held the turn at once"
+    assert held + gave_up == 3 * 2 * 150
+    assert held > 0 and gave_up > 0  # both paths ran: turns taken, and waits abandoned then taken over
