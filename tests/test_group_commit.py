@@ -217,6 +217,48 @@ def test_writer_turn_excludes_other_processes_and_a_killed_holder_releases_it(tm
     waiter.join()
 
 
+def test_a_main_thread_writer_waits_in_the_kernel_until_its_deadline(tmp_path) -> None:  # noqa: ANN001
+    """A sync worker's writer blocks in flock itself, is cut short at its deadline, and takes a free turn at once."""
+    assert threading.current_thread() is threading.main_thread()
+    path = tmp_path / "m-writer.lock"
+    turn = WriterTurn(str(path), timeout=0.5)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: hold the turn until killed
+        try:
+            with WriterTurn(str(path), timeout=5).hold():
+                os.write(ready_w, b"x")
+                time.sleep(60)
+        finally:
+            os._exit(0)
+    os.read(ready_r, 1)
+    seen: list[list[int]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(_blocked_flock_waiters(path))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(WriterTurnTimeout), turn.hold():
+            pytest.fail("the turn was given while another process held it")
+        waited = time.monotonic() - started
+    finally:
+        stop.set()
+        watcher.join()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert 0.4 <= waited < 2.0
+    assert [os.getpid()] in seen, "the writer did not wait in the kernel's queue for the lock"
+    assert _blocked_flock_waiters(path) == []  # nothing left queued after the deadline
+    with turn.hold():  # the holder is gone: taken at once, and no stray alarm follows
+        time.sleep(0.6)
+
+
 def test_writer_turn_gives_up_waiting_after_its_timeout(tmp_path) -> None:  # noqa: ANN001
     holder = WriterTurn(str(tmp_path / "w.lock"), timeout=5)
     other = WriterTurn(str(tmp_path / "w.lock"), timeout=0.2)
@@ -332,11 +374,12 @@ def test_writer_turn_is_exclusive_while_writers_give_up_and_others_take_over(tmp
                 except WriterTurnTimeout:
                     counts[1] += 1
 
-        threads = [threading.Thread(target=writer) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        # The main thread waits in the flock itself (cut short by SIGALRM); the other, through
+        # the process's waiting thread.
+        other = threading.Thread(target=writer)
+        other.start()
+        writer()
+        other.join()
         return counts[0], counts[1], counts[2]
 
     pipes, pids = [], []
