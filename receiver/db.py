@@ -313,14 +313,20 @@ class WriterTurn:
 
 
 class _FlockWaiter:
-    """One process's descriptor of a lock file, and a thread that waits on it in a blocking flock.
+    """One process's descriptor of a lock file, and how a writer waits on it in a blocking flock.
 
-    Polling flock(LOCK_NB) every 0.1-1 ms both overslept each release and, measured with py-spy
-    under saturation, took a fifth of the SQLite workers' CPU; a blocking flock is woken by the
-    kernel the moment the holder lets go and costs nothing meanwhile. It cannot time out, so it runs
-    on this thread while the writer waits on an Event with its deadline. A writer that gave up
-    leaves the flock pending: the lock it eventually yields goes to the next writer of the process
-    still waiting, or straight back. Only the WriterTurn's one thread per process calls lock().
+    The turn used to be polled with flock(LOCK_NB) every 0.1-1 ms. That overslept each release,
+    and py-spy under saturation put a fifth of the SQLite workers' CPU in the polling loop. A
+    blocking flock is woken by the kernel the moment the holder lets go, and costs nothing
+    meanwhile. But a blocking flock cannot time out:
+    - In a main thread (sync workers), the writer waits in the flock itself, and SIGALRM cuts
+      the wait short at the deadline (_flock_until).
+    - Elsewhere, this object's thread waits in the flock, and the writer waits on an Event with
+      its deadline. That hand-over cost the whole throughput gain when sync workers used it too.
+      A writer that gave up leaves the flock pending. The lock it eventually yields goes to the
+      process's next waiting writer, or straight back.
+
+    Only the WriterTurn's one thread per process calls lock().
     """
 
     def __init__(self, path: str) -> None:
