@@ -91,6 +91,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
+def postgres_url(postgres_admin_url: str) -> Iterator[str]:
+    """A throwaway PostgreSQL database at the migration head (tests that only make sense there)."""
+    url = create_postgres_database(postgres_admin_url)
+    try:
+        migrate(url, "head")
+        yield url
+    finally:
+        drop_postgres_database(postgres_admin_url, url)
+
+
+@pytest.fixture
 def migrated_url(database_url: str) -> str:
     """A database at the migration head."""
     migrate(database_url, "head")

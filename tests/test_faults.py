@@ -183,29 +183,24 @@ def test_sqlite_locked_mid_burst_only_503_and_recovers(tmp_path, vectors, rm_sig
 
 
 @pytest.mark.postgres
-def test_callback_right_after_a_postgres_restart_is_applied_not_refused(postgres_admin_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
+def test_callback_right_after_a_postgres_restart_is_applied_not_refused(postgres_url, postgres_admin_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
     """Every server connection ended (a restart) moments after a callback: the next callback gets its 200 at once."""
-    from tests.conftest import create_postgres_database, drop_postgres_database
-    from tests.support import migrate, terminate_backends
+    from tests.support import terminate_backends
 
-    url = create_postgres_database(postgres_admin_url)
-    server = None
+    # One worker, so the next callback meets the pooled connection the first one left behind.
+    server = Gunicorn(fresh_settings_env(postgres_url, vectors, tmp_path), workers=1).start()
     try:
-        migrate(url)
-        # One worker, so the next callback meets the pooled connection the first one left behind.
-        server = Gunicorn(fresh_settings_env(url, vectors, tmp_path), workers=1).start()
-
         def post(status: str, step: int) -> requests.Response:
             body = callback_body(voucher_item("PGRESTART", status, step))
             return requests.post(server.base + CALLBACK_PATH, data=body, headers=rm_signer.headers(body), timeout=30)
 
         assert post("VALID", 0).status_code == 200
         for step, status in ((1, "ISSUE"), (2, "REDEEMED")):
-            assert terminate_backends(postgres_admin_url, url) >= 1
+            assert terminate_backends(postgres_admin_url, postgres_url) >= 1
             # Within PING_AFTER_IDLE_SECONDS of its last use the connection is not checked first.
             answer = post(status, step)
             assert answer.status_code == 200, answer.text
-        engine = make_engine(url)
+        engine = make_engine(postgres_url)
         try:
             with make_session_factory(engine)() as s:
                 assert s.scalar(select(Voucher.status).where(Voucher.code == "PGRESTART")) == "REDEEMED"
@@ -213,6 +208,4 @@ def test_callback_right_after_a_postgres_restart_is_applied_not_refused(postgres
             engine.dispose()
         assert "retrying once on a new one" in server.log_path.read_text()
     finally:
-        if server is not None:
-            server.stop()
-        drop_postgres_database(postgres_admin_url, url)
+        server.stop()

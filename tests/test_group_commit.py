@@ -22,8 +22,7 @@ from receiver.group_commit import GroupCommit, _Waiting
 from receiver.metrics import GROUP_COMMIT_CALLBACKS
 from receiver.models import DeliveryOutcome, Voucher, VoucherEvent, WebhookDelivery
 from receiver.snapshot import snapshot_from_item, voucher_item_from_envelope
-from tests.conftest import create_postgres_database, drop_postgres_database
-from tests.support import callback_body, migrate, terminate_backends, voucher_item
+from tests.support import callback_body, terminate_backends, voucher_item
 
 
 def _group_totals() -> tuple[float, float]:
@@ -319,32 +318,26 @@ def test_a_callback_costs_two_statements_on_postgresql_and_four_on_sqlite(app, d
 
 
 @pytest.mark.postgres
-def test_a_transaction_on_a_pooled_connection_that_died_runs_once_more_on_a_new_one(postgres_admin_url) -> None:  # noqa: ANN001
+def test_a_transaction_on_a_pooled_connection_that_died_runs_once_more_on_a_new_one(postgres_url, postgres_admin_url) -> None:  # noqa: ANN001
     """A database restart since the last callback costs no 503: groups and lone callbacks run again, once."""
-    url = create_postgres_database(postgres_admin_url)
-    engine = None
+    engine = make_engine(postgres_url, pool_size=2)
     try:
-        migrate(url)
-        engine = make_engine(url, pool_size=2)
         committer = GroupCommit(engine)
         committer.submit(*_callback("DEADA", "VALID", 0))  # pooled, used just now: not pinged again
-        assert terminate_backends(postgres_admin_url, url) >= 1
+        assert terminate_backends(postgres_admin_url, postgres_url) >= 1
         group = [_Waiting(*_callback("DEADA", "ISSUE", 1)), _Waiting(*_callback("DEADB", "VALID", 0))]
         committer._run(group)  # the path callbacks that arrived together take
         assert [w.error for w in group] == [None, None]
         assert [w.result.status for w in group] == [DeliveryOutcome.ACCEPTED] * 2
 
-        assert terminate_backends(postgres_admin_url, url) >= 1
+        assert terminate_backends(postgres_admin_url, postgres_url) >= 1
         lone = committer.submit(*_callback("DEADB", "ISSUE", 1))
         assert lone.status is DeliveryOutcome.ACCEPTED
-
         # A database that stays away is still a 503: test_faults' outage tests.
         with engine.connect() as conn:
             assert dict(conn.execute(select(Voucher.code, Voucher.status)).all()) == {"DEADA": "ISSUE", "DEADB": "ISSUE"}
     finally:
-        if engine is not None:
-            engine.dispose()
-        drop_postgres_database(postgres_admin_url, url)
+        engine.dispose()
 
 
 def test_writer_turn_is_exclusive_while_writers_give_up_and_others_take_over(tmp_path) -> None:  # noqa: ANN001
