@@ -347,14 +347,14 @@ def test_writer_turn_is_exclusive_while_writers_give_up_and_others_take_over(tmp
 
     def work(seed: int) -> tuple[int, int, int]:
         rng = random.Random(seed)
-        turn_threads = WriterTurn(lock_path, timeout=0.003)  # one per process, shared by its threads
+        turn = WriterTurn(lock_path, timeout=0.003)  # one per process, shared by its threads
         counts = [0, 0, 0]  # held, gave up, overlaps seen
 
         def writer() -> None:
             for _ in range(150):
-                turn_threads.timeout = rng.choice((0.0005, 0.002, 0.02))
+                turn.timeout = rng.choice((0.0005, 0.002, 0.02))
                 try:
-                    with turn_threads.hold():
+                    with turn.hold():
                         try:
                             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                         except FileExistsError:
