@@ -146,6 +146,13 @@ def process_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def child_environ(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment without the app's own variables (a developer's RM_*, DATABASE_URL), then ``env``."""
+    child = {k: v for k, v in os.environ.items() if not k.startswith(("RM_", "DATABASE_URL", "OPS_"))}
+    child.update(env)
+    return child
+
+
 class Gunicorn:
     """The real web process (`gunicorn "receiver:create_app()"`, production settings) under a test's control.
 
@@ -153,8 +160,7 @@ class Gunicorn:
     """
 
     def __init__(self, env: dict[str, str], *, workers: int = 4, port: int | None = None) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RM_", "DATABASE_URL", "OPS_"))}
-        self.env.update(env)
+        self.env = child_environ(env)
         self.env["PYTHONPATH"] = str(ROOT)
         self.env["WEB_CONCURRENCY"] = str(workers)
         self.port = port or free_port()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from receiver.config import ConfigError, default_web_concurrency, default_web_threads, load_settings
-from tests.support import ROOT, fresh_settings_env
+from tests.support import ROOT, child_environ, fresh_settings_env
 
 
 def _base(vectors: dict) -> dict[str, str]:
@@ -124,8 +123,7 @@ def test_workers_freeze_the_loaded_app_out_of_full_collections(vectors: dict, tm
         "conf['post_worker_init'](None)\n"
         "print(json.dumps({'before': before, 'after': len(gc.get_objects()), 'frozen': gc.get_freeze_count()}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RM_", "DATABASE_URL", "OPS_"))}
-    env.update(fresh_settings_env(f"sqlite:///{tmp_path / 'app.db'}", vectors, tmp_path))
+    env = child_environ(fresh_settings_env(f"sqlite:///{tmp_path / 'app.db'}", vectors, tmp_path))
     env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     counts = json.loads(out.stdout.strip().splitlines()[-1])
