@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -42,9 +43,23 @@ def parse_rm_time(value: Any, field_name: str = "time") -> RMTime | None:
         raise SnapshotError(f"{field_name} must be a string time, got {type(value).__name__}")
     if value.startswith(_ZERO_TIME_PREFIX):
         return None
+    try:
+        return _parse_time_text(value)
+    except _BadTime as exc:
+        raise SnapshotError(f"{field_name} {exc.args[0]}: {value[:40]!r}") from exc.__cause__
+
+
+class _BadTime(Exception):
+    pass
+
+
+# Every snapshot carries several times, and most repeat across callbacks (a batch's expiry, a
+# voucher's createdAt): parsing one costs ~8 us, a cache hit well under 1 us. RMTime is immutable.
+@functools.lru_cache(maxsize=4096)
+def _parse_time_text(value: str) -> RMTime:
     m = _TIME_RE.match(value.strip())
     if not m:
-        raise SnapshotError(f"{field_name} is not an RFC 3339 time: {value[:40]!r}")
+        raise _BadTime("is not an RFC 3339 time")
     year, month, day, hour, minute, second, frac, offset = m.groups()
     frac9 = (frac or "").ljust(9, "0")
     try:
@@ -57,7 +72,7 @@ def parse_rm_time(value: Any, field_name: str = "time") -> RMTime | None:
         utc = local.astimezone(timezone.utc)
     except (ValueError, OverflowError) as exc:
         # Out-of-range fields, offsets beyond 24 h, or a time that leaves the calendar in UTC.
-        raise SnapshotError(f"{field_name} is not a valid time: {value[:40]!r}") from exc
+        raise _BadTime("is not a valid time") from exc
     whole = utc - _EPOCH
     ns = (whole.days * 86400 + whole.seconds) * 1_000_000_000 + int(frac9)
     return RMTime(at=utc.replace(microsecond=int(frac9[:6])), ns=ns)

@@ -71,3 +71,16 @@ def test_fingerprint_ignores_key_order_and_whitespace() -> None:
     b = snapshot_from_item(json.loads('{"amount":1,"status":"VALID","code":"A"}'))
     c = snapshot_from_item({"code": "A", "status": "VALID", "amount": 2})
     assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+def test_repeated_times_parse_alike_and_errors_name_each_field() -> None:
+    # Time texts are parsed once and remembered: a repeat must give the same instant, and a bad
+    # text must be refused every time, naming the field it came in (not the first one it came in).
+    first = parse_rm_time("2026-03-01T10:00:00.123456789+08:00", "createdAt")
+    assert parse_rm_time("2026-03-01T10:00:00.123456789+08:00", "updatedAt") == first
+    assert first.at == datetime(2026, 3, 1, 2, 0, 0, 123456, tzinfo=timezone.utc)
+    for field in ("createdAt", "updatedAt"):
+        with pytest.raises(SnapshotError, match=f"^{field} is not an RFC 3339 time"):
+            parse_rm_time("yesterday", field)
+        with pytest.raises(SnapshotError, match=f"^{field} is not a valid time"):
+            parse_rm_time("2026-02-30T00:00:00Z", field)
