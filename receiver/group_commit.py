@@ -7,8 +7,11 @@ committing wait for it and then commit together in the next one, so under load o
 lock and one flush serve many callbacks. Nothing is delayed on purpose: a callback that finds no
 transaction in progress starts one at once (at low load every batch holds one callback).
 
-A 200 still means committed: every caller waits until the transaction holding its delivery has
-committed, and learns its own outcome. If one callback in a batch fails for a reason of its own,
+On SQLite the flush that makes a commit durable comes after the writer turn is given up
+(db.WalSync): the next group takes the turn while this one's commit reaches the disk.
+
+A 200 still means committed, and on disk: every caller waits until the transaction holding its
+delivery has committed and been flushed, and learns its own outcome. If one callback in a batch fails for a reason of its own,
 the batch is rolled back and each callback is retried in a transaction of its own, so one bad
 delivery cannot fail the others; if the database is unavailable, every callback in it gets that
 error (a 503 that RM retries).
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
-from .db import WriterTurn, is_unavailable, once_more_if_connection_died
+from .db import WalSyncError, WriterTurn, deferred_wal_syncs, is_unavailable, once_more_if_connection_died
 from .deliveries import (
     CallbackResult,
     IncomingCallback,
@@ -94,8 +97,20 @@ class GroupCommit:
         with self._lock:
             batch = self._take()
         try:
-            with self.turn.hold() if self.turn is not None else contextlib.nullcontext():
-                self._run(batch)
+            with deferred_wal_syncs() as flush:
+                try:
+                    with self.turn.hold() if self.turn is not None else contextlib.nullcontext():
+                        self._run(batch)
+                finally:
+                    # The next group may take the turn while this one's commit reaches the disk.
+                    self._hand_over()
+                try:
+                    flush()
+                except WalSyncError as exc:
+                    # Committed, but not known to be on disk: no 200 for it. RM's retry finds it
+                    # recorded and is answered "duplicate" once the disk takes writes again.
+                    for item in batch:
+                        item.result, item.error = None, item.error or exc
         except BaseException as exc:  # e.g. the lock file cannot be opened: every caller must hear of it
             for item in batch:
                 if item.result is None and item.error is None:
@@ -106,14 +121,16 @@ class GroupCommit:
             for item in batch:
                 item.done = True
                 item.wake.set()
-            with self._lock:
-                if self._queue:
-                    # The oldest waiting callback's thread runs the next batch; this thread answers its own.
-                    successor = self._queue[0]
-                    successor.lead = True
-                    successor.wake.set()
-                else:
-                    self._leading = False
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            if self._queue:
+                # The oldest waiting callback's thread runs the next batch; this thread answers its own.
+                successor = self._queue[0]
+                successor.lead = True
+                successor.wake.set()
+            else:
+                self._leading = False
 
     def _take(self) -> list[_Waiting]:
         """The next group, oldest first: at most one callback per voucher code (the others wait their turn).

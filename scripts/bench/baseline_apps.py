@@ -10,11 +10,16 @@ minimal: the least a *correct* receiver must do: verify RM's signature (receiver
          in its own table, one transaction per request, 200 only after the commit. The engine comes
          from receiver.db.make_engine with the project's own settings, so SQLite gets the identical
          WAL / synchronous / busy timeout / BEGIN IMMEDIATE set-up and PostgreSQL the identical
-         psycopg 3 pool (pre-ping included).
+         psycopg 3 pool (pre-ping included). One difference, on purpose: its durable SQLite commit
+         is SQLite's own synchronous=FULL (the WAL flushed inside COMMIT), the standard way a
+         receiver gets one. The project flushes the WAL after COMMIT, outside the write lock
+         (receiver.db.WalSync), which is its own engineering, as group commit is on PostgreSQL.
+         BENCH_MINIMAL_WAL_SYNC=1 gives the minimal receiver that protocol too, for comparison.
 """
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 
 from flask import Flask, Response, jsonify, request
@@ -72,6 +77,7 @@ def create_minimal_app() -> Flask:
         sqlite_synchronous=settings.sqlite_synchronous,
         sqlite_busy_timeout=settings.sqlite_busy_timeout_seconds,
         pool_size=settings.db_pool_size,
+        sqlite_sync_after_commit=os.environ.get("BENCH_MINIMAL_WAL_SYNC") == "1",
     )
     statement = insert(minimal_table)
     app = Flask(__name__)
