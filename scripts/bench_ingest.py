@@ -6,7 +6,9 @@ For each database (PostgreSQL and/or SQLite) it creates a throwaway database, mi
 
   hello    a hello-world Flask endpoint (gunicorn + Flask + HTTP only)
   minimal  a minimal correct receiver: verify the RM signature, insert the raw body, commit
-           (its own table in the same database, engine from receiver.db.make_engine)
+           (its own table in the same database, engine from receiver.db.make_engine; on SQLite
+           its durable commit is SQLite's own synchronous=FULL, see bench/baseline_apps.py;
+           BENCH_MINIMAL_WAL_SYNC=1 gives it the project's flush-after-commit instead)
   project  `gunicorn "receiver:create_app()"`, POST /webhooks/revenuemonster/voucher
 
 Max throughput: wrk (closed loop, --connections) cycling through pre-signed requests read from a
