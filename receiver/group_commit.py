@@ -11,10 +11,10 @@ On SQLite the flush that makes a commit durable comes after the writer turn is g
 (db.WalSync): the next group takes the turn while this one's commit reaches the disk.
 
 A 200 still means committed, and on disk: every caller waits until the transaction holding its
-delivery has committed and been flushed, and learns its own outcome. If one callback in a batch fails for a reason of its own,
-the batch is rolled back and each callback is retried in a transaction of its own, so one bad
-delivery cannot fail the others; if the database is unavailable, every callback in it gets that
-error (a 503 that RM retries).
+delivery has committed and been flushed, and learns its own outcome. If one callback in a batch
+fails for a reason of its own, the batch is rolled back and each callback is retried in a
+transaction of its own, so one bad delivery cannot fail the others; if the database is
+unavailable, every callback in it gets that error (a 503 that RM retries).
 """
 
 from __future__ import annotations
