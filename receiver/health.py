@@ -8,7 +8,7 @@ from pathlib import Path
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
-from .db import is_unavailable
+from .db import is_unavailable, once_more_if_connection_died
 from .runtime import current_runtime
 
 bp = Blueprint("health", __name__)
@@ -45,9 +45,15 @@ def healthz() -> Response:
 def readyz() -> tuple[Response, int]:
     """The database answers and its schema is at the migration head this code expects."""
     head = migration_head()
+    engine = current_runtime().engine
+
+    def revision() -> str | None:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
     try:
-        with current_runtime().engine.connect() as conn:
-            current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        # A pooled connection left dead by a database restart is not the database being down.
+        current = once_more_if_connection_died(revision)
     except Exception as exc:  # noqa: BLE001
         reason = "database unreachable" if is_unavailable(exc) else "schema not migrated"
         return jsonify({"status": "unavailable", "database": reason, "expected_revision": head}), 503

@@ -209,3 +209,20 @@ def test_callback_right_after_a_postgres_restart_is_applied_not_refused(postgres
         assert "retrying once on a new one" in server.log_path.read_text()
     finally:
         server.stop()
+
+
+@pytest.mark.postgres
+def test_readyz_right_after_a_postgres_restart_is_ready(postgres_url, postgres_admin_url, vectors, tmp_path) -> None:  # noqa: ANN001
+    """A readiness probe that meets a pooled connection the restart killed says ready, as the database is."""
+    from tests.support import terminate_backends
+
+    server = Gunicorn(fresh_settings_env(postgres_url, vectors, tmp_path), workers=1).start()
+    try:
+        assert requests.get(server.base + "/readyz", timeout=30).status_code == 200
+        for _ in range(2):
+            assert terminate_backends(postgres_admin_url, postgres_url) >= 1
+            # Within PING_AFTER_IDLE_SECONDS of its last use the pooled connection is not checked first.
+            ready = requests.get(server.base + "/readyz", timeout=30)
+            assert ready.status_code == 200, ready.text
+    finally:
+        server.stop()
