@@ -235,7 +235,6 @@ class WalSync:
     def __init__(self, database_path: str) -> None:
         self.path = database_path + "-wal"
         self.directory = os.path.dirname(database_path) or "."
-        self.flushes = 0
         self._inode: int | None = None
 
     def committed(self) -> None:
@@ -267,7 +266,6 @@ class WalSync:
             raise WalSyncError(f"could not flush the SQLite WAL to disk: {error.strerror}") from None
         finally:
             os.close(fd)
-        self.flushes += 1
 
 
 class WalSyncedConnection(sqlite3.Connection):

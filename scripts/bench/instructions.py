@@ -7,8 +7,9 @@ do not depend on what else the machine is doing. Each app runs in-process (the F
 no gunicorn) against a fresh, migrated SQLite file, once with --small and once with --large
 callbacks; the difference divided by the difference in count is the cost of one callback, with
 start-up (imports, migrations, the first-use compilation of statements) cancelled out. The
-callbacks are RM's lifecycle (VALID, ISSUE, REDEEMED per voucher), signed beforehand, outside
-valgrind. User-space instructions only: the kernel's share of a commit's fsync is not counted.
+callbacks are RM's lifecycle (bench/callbacks.py: VALID, ISSUE, REDEEMED per voucher), signed
+beforehand, outside valgrind; one file serves every run of an invocation. User-space instructions
+only: the kernel's share of a commit's fsync is not counted.
 
 Usage:  .venv/bin/python scripts/bench/instructions.py [--apps hello,minimal,project] [--small 30] [--large 330]
         [--ref REV]   also measure the project at git revision REV (a worktree under /tmp), for A/B
@@ -34,17 +35,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def sign_requests(path: Path, count: int) -> None:
     """Pre-sign ``count`` lifecycle callbacks (natively; signing under valgrind would dominate)."""
-    sys.path[:0] = [str(ROOT)]
-    from tests.support import Signer, callback_body, voucher_item
+    sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+    from bench.callbacks import signed_records
 
-    vectors = json.loads((ROOT / "tests" / "fixtures" / "rm-signature.json").read_text(encoding="utf-8"))
-    signer = Signer(vectors["rm_server_private_pem"])
-    requests = []
-    for i in range(count):
-        body = callback_body(voucher_item(f"I{i // 3:06d}", ("VALID", "ISSUE", "REDEEMED")[i % 3], i % 3))
-        # A fixed timestamp: the runs disable the X-Timestamp window, so every run sees the same bytes.
-        requests.append((body, signer.headers(body, timestamp=2_000_000_000)))
-    path.write_bytes(pickle.dumps(requests))
+    # Their X-Timestamp is now; the runs disable the timestamp window, so the file stays usable.
+    path.write_bytes(pickle.dumps([(r.body, r.headers) for r in signed_records(count, "lifecycle")]))
 
 
 def child(root: str, app_kind: str, requests_file: str, count: int) -> None:
