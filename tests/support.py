@@ -116,6 +116,23 @@ def callback_body(item: dict[str, Any], envelope: str = "item") -> bytes:
     return json.dumps(doc).encode("utf-8")
 
 
+def verified_callback(code: str, status: str, step: int, nonce: str | None = None, body: bytes | None = None):  # noqa: ANN201
+    """(IncomingCallback, VoucherSnapshot) of a callback as the view hands it over once verified."""
+    import secrets
+
+    from receiver.deliveries import IncomingCallback
+    from receiver.snapshot import snapshot_from_item, voucher_item_from_envelope
+
+    body = body or callback_body(voucher_item(code, status, step))
+    incoming = IncomingCallback(
+        body=body,
+        headers={"Content-Type": "application/json", "X-Nonce-Str": nonce or secrets.token_hex(16)},
+        remote_addr="127.0.0.1",
+        content_type="application/json",
+    )
+    return incoming, snapshot_from_item(voucher_item_from_envelope(json.loads(body)))
+
+
 def free_port() -> int:
     """An unused TCP port on loopback."""
     with socket.socket() as s:

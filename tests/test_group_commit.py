@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import random
-import secrets
 import signal
 import threading
 import time
@@ -17,29 +16,17 @@ import pytest
 from sqlalchemy import event, func, select, text
 
 from receiver.db import WriterTurn, WriterTurnTimeout, is_unavailable, make_engine
-from receiver.deliveries import IncomingCallback, NonceReused
+from receiver.deliveries import NonceReused
 from receiver.group_commit import GroupCommit, _Waiting
 from receiver.metrics import GROUP_COMMIT_CALLBACKS
 from receiver.models import DeliveryOutcome, Voucher, VoucherEvent, WebhookDelivery
-from receiver.snapshot import snapshot_from_item, voucher_item_from_envelope
-from tests.support import callback_body, terminate_backends, voucher_item
+from tests.support import terminate_backends, verified_callback
 
 
 def _group_totals() -> tuple[float, float]:
     """(transactions, callbacks) counted by the rmvs_group_commit_callbacks histogram so far."""
     samples = {s.name: s.value for s in GROUP_COMMIT_CALLBACKS.collect()[0].samples}
     return samples["rmvs_group_commit_callbacks_count"], samples["rmvs_group_commit_callbacks_sum"]
-
-
-def _callback(code: str, status: str, step: int, nonce: str | None = None, body: bytes | None = None):
-    body = body or callback_body(voucher_item(code, status, step))
-    incoming = IncomingCallback(
-        body=body,
-        headers={"Content-Type": "application/json", "X-Nonce-Str": nonce or secrets.token_hex(16)},
-        remote_addr="127.0.0.1",
-        content_type="application/json",
-    )
-    return incoming, snapshot_from_item(voucher_item_from_envelope(json.loads(body)))
 
 
 @contextmanager
@@ -86,22 +73,22 @@ def test_callbacks_waiting_together_commit_in_one_transaction_each_with_its_own_
     runtime = app.extensions["rm_voucher_sync"]
     committer = GroupCommit(runtime.engine, max_batch=32)
     totals_before = _group_totals()
-    first = _callback("GCFIRST", "VALID", 0)
+    first = verified_callback("GCFIRST", "VALID", 0)
     committer.submit(*first)  # the voucher exists, so its row lock can be held below
 
-    redeemed = _callback("GCA", "REDEEMED", 2)
-    same_bytes = _callback("GCA", "REDEEMED", 2, body=redeemed[0].body)
-    gca_valid = _callback("GCA", "VALID", 0)
-    replayed_nonce = _callback("GCB", "ISSUE", 1, nonce=gca_valid[0].nonce)
+    redeemed = verified_callback("GCA", "REDEEMED", 2)
+    same_bytes = verified_callback("GCA", "REDEEMED", 2, body=redeemed[0].body)
+    gca_valid = verified_callback("GCA", "VALID", 0)
+    replayed_nonce = verified_callback("GCB", "ISSUE", 1, nonce=gca_valid[0].nonce)
     batch = [
-        _callback("GCFIRST", "ISSUE", 1),
+        verified_callback("GCFIRST", "ISSUE", 1),
         gca_valid,
-        _callback("GCA", "ISSUE", 1),
+        verified_callback("GCA", "ISSUE", 1),
         redeemed,
         same_bytes,  # RM's retry of the same delivery, arriving together with it
-        _callback("GCC", "VALID", 0),
+        verified_callback("GCC", "VALID", 0),
         replayed_nonce,  # a signed nonce reused for other bytes
-        _callback("GCC", "VALID", 0),  # a stale copy: same snapshot, new delivery
+        verified_callback("GCC", "VALID", 0),  # a stale copy: same snapshot, new delivery
     ]
     results = _submit_all(committer, batch, runtime, "GCFIRST")
 
@@ -131,12 +118,12 @@ def test_callbacks_waiting_together_commit_in_one_transaction_each_with_its_own_
 def test_one_failing_callback_is_retried_alone_and_does_not_fail_the_others(app, db) -> None:  # noqa: ANN001
     runtime = app.extensions["rm_voucher_sync"]
     committer = GroupCommit(runtime.engine)
-    committer.submit(*_callback("GCLOCK", "VALID", 0))
-    incoming, snapshot = _callback("GCBAD", "VALID", 0)
+    committer.submit(*verified_callback("GCLOCK", "VALID", 0))
+    incoming, snapshot = verified_callback("GCBAD", "VALID", 0)
     # A value no database column takes: stands in for a bug of ours on one delivery.
     broken = dataclasses.replace(snapshot, fields={**snapshot.fields, "amount": [1, 2]})
-    batch = [_callback("GCLOCK", "ISSUE", 1), _callback("GCX", "VALID", 0), (incoming, broken),
-             _callback("GCY", "VALID", 0)]
+    batch = [verified_callback("GCLOCK", "ISSUE", 1), verified_callback("GCX", "VALID", 0), (incoming, broken),
+             verified_callback("GCY", "VALID", 0)]
     results = _submit_all(committer, batch, runtime, "GCLOCK")
 
     assert committer.stats.fallbacks == 1
@@ -152,7 +139,7 @@ def test_many_threads_converge_to_the_newest_snapshot_of_every_voucher(app, db) 
     runtime = app.extensions["rm_voucher_sync"]
     committer = GroupCommit(runtime.engine, max_batch=8)
     codes = [f"GCM{i:03d}" for i in range(40)]
-    callbacks = [_callback(code, status, step) for code in codes for step, status in
+    callbacks = [verified_callback(code, status, step) for code in codes for step, status in
                  enumerate(("VALID", "ISSUE", "REDEEMED"))]
     callbacks = callbacks[::2] + callbacks[1::2]  # some arrive out of order
     errors: list[BaseException] = []
@@ -310,7 +297,7 @@ def test_a_callback_costs_two_statements_on_postgresql_and_four_on_sqlite(app, d
     expected = 2 if postgres else 4 + 2  # SQLite's trace shows BEGIN IMMEDIATE and COMMIT too
     for status, step in (("VALID", 0), ("ISSUE", 1)):
         statements.clear()
-        result = committer.submit(*_callback("GCCOUNT", status, step))
+        result = committer.submit(*verified_callback("GCCOUNT", status, step))
         assert result.status is DeliveryOutcome.ACCEPTED
         assert len(statements) == expected, statements
     with db() as s:
@@ -323,15 +310,16 @@ def test_a_transaction_on_a_pooled_connection_that_died_runs_once_more_on_a_new_
     engine = make_engine(postgres_url, pool_size=2)
     try:
         committer = GroupCommit(engine)
-        committer.submit(*_callback("DEADA", "VALID", 0))  # pooled, used just now: not pinged again
+        committer.submit(*verified_callback("DEADA", "VALID", 0))  # pooled, used just now: not pinged again
         assert terminate_backends(postgres_admin_url, postgres_url) >= 1
-        group = [_Waiting(*_callback("DEADA", "ISSUE", 1)), _Waiting(*_callback("DEADB", "VALID", 0))]
+        group = [_Waiting(*verified_callback("DEADA", "ISSUE", 1)),
+                 _Waiting(*verified_callback("DEADB", "VALID", 0))]
         committer._run(group)  # the path callbacks that arrived together take
         assert [w.error for w in group] == [None, None]
         assert [w.result.status for w in group] == [DeliveryOutcome.ACCEPTED] * 2
 
         assert terminate_backends(postgres_admin_url, postgres_url) >= 1
-        lone = committer.submit(*_callback("DEADB", "ISSUE", 1))
+        lone = committer.submit(*verified_callback("DEADB", "ISSUE", 1))
         assert lone.status is DeliveryOutcome.ACCEPTED
         # A database that stays away is still a 503: test_faults' outage tests.
         with engine.connect() as conn:

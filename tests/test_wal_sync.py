@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -21,11 +19,9 @@ import pytest
 from sqlalchemy import select, text
 
 from receiver.db import WalSyncedConnection, deferred_wal_syncs, make_engine, writer_turn
-from receiver.deliveries import IncomingCallback
 from receiver.group_commit import GroupCommit
 from receiver.models import DeliveryOutcome, WebhookDelivery
-from receiver.snapshot import snapshot_from_item, voucher_item_from_envelope
-from tests.support import CALLBACK_PATH, callback_body, migrate, voucher_item
+from tests.support import CALLBACK_PATH, callback_body, migrate, verified_callback, voucher_item
 
 
 class FsyncLog:
@@ -113,17 +109,6 @@ def test_sqlite_own_full_when_asked(sqlite_file: Path) -> None:
         engine.dispose()
 
 
-def _callback(code: str):  # noqa: ANN202
-    body = callback_body(voucher_item(code, "VALID", 0))
-    incoming = IncomingCallback(
-        body=body,
-        headers={"Content-Type": "application/json", "X-Nonce-Str": secrets.token_hex(16)},
-        remote_addr="127.0.0.1",
-        content_type="application/json",
-    )
-    return incoming, snapshot_from_item(voucher_item_from_envelope(json.loads(body)))
-
-
 def test_callbacks_flush_after_giving_up_the_writer_turn_and_before_answering(
     sqlite_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,7 +119,7 @@ def test_callbacks_flush_after_giving_up_the_writer_turn_and_before_answering(
     fsyncs = FsyncLog(monkeypatch)
     fsyncs.hold = threading.Event()
     answers: list = []
-    worker = threading.Thread(target=lambda: answers.append(committer.submit(*_callback("WS-1"))))
+    worker = threading.Thread(target=lambda: answers.append(committer.submit(*verified_callback("WS-1", "VALID", 0))))
     try:
         worker.start()
         assert fsyncs.entered.wait(10), "the callback's commit was never flushed"
