@@ -8,7 +8,7 @@ import time
 from flask import Flask, Response, g, jsonify, request
 
 from . import logs
-from .metrics import REQUEST_SECONDS
+from .metrics import REQUEST_SECONDS, labelled
 from .config import ConfigError, Settings, load_dotenv_if_present, load_settings
 from .runtime import EXTENSION_KEY, Runtime
 
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     def _finish_request(response: Response) -> Response:
         response.headers["X-Request-Id"] = g.get("request_id", "")
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        REQUEST_SECONDS.labels(endpoint, request.method).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        labelled(REQUEST_SECONDS, endpoint, request.method).observe(time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 
     @app.errorhandler(404)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import fcntl
 import logging
 import os
@@ -15,7 +16,9 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-from sqlalchemy import Connection, Engine, Executable, Table, TextClause, bindparam, create_engine, event, exc, text
+from sqlalchemy import (
+    Connection, DateTime, Engine, Executable, Table, TextClause, TypeDecorator, bindparam, create_engine, event, exc, text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -193,9 +196,15 @@ def _sqlite_engine(
     def _on_begin(conn) -> None:  # noqa: ANN001
         # Take the write lock up front: deliveries for one voucher then serialise instead of
         # failing with "database is locked" when two readers both try to upgrade.
+        dbapi_connection = conn.connection.dbapi_connection
         if checkpointer is not None:
-            checkpointer.before_begin(conn.connection.dbapi_connection)
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+            checkpointer.before_begin(dbapi_connection)
+        # On the DBAPI connection: exec_driver_sql's execution context cost more than the BEGIN.
+        # Errors still go through SQLAlchemy's handler (wrapped, e.g. OperationalError when locked).
+        try:
+            dbapi_connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            conn._handle_dbapi_exception(error, "BEGIN IMMEDIATE", (), None, None)
 
     if checkpointer is not None:
         _checkpointers[engine] = checkpointer
@@ -601,6 +610,23 @@ def insert_unless_conflict(table: Table, column_names: list[str]) -> TextClause:
     return text(sql).bindparams(*(bindparam(c.name, type_=c.type) for c in columns))
 
 
+# One memo per dialect and datetime type, shared by every statement: a callback's receipt time is
+# bound in several statements, and each would otherwise miss in a memo of its own.
+_time_memos: dict[tuple, Callable[[Any], Any]] = {}
+
+
+def _memo_if_time(key: tuple, type_: Any, process: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
+    """A datetime column's bind conversion, remembered: one callback binds the same instant many times.
+
+    A callback writes its receipt time into six columns and RM's times repeat across callbacks; each
+    conversion (to UTC, then to SQLite's text) cost ~3 us. Equal datetimes are the same instant, and
+    every conversion here depends on the instant only, so a remembered result is the right one.
+    """
+    if process is None or not isinstance(type_, (DateTime, TypeDecorator)) or type_._type_affinity is not DateTime:
+        return process
+    return _time_memos.setdefault((*key, repr(type_)), functools.lru_cache(maxsize=1024)(process))
+
+
 class Direct:
     """A Core statement compiled once per dialect and run straight on the DBAPI cursor.
 
@@ -626,7 +652,8 @@ class Direct:
             # qmark (SQLite): one value per placeholder, in order; pyformat (psycopg): one per name.
             names = compiled.positiontup if positional else dict.fromkeys(compiled.bind_names.values())
             processors = compiled._bind_processors
-            bound = tuple((name, processors.get(name)) for name in names)
+            types = {name: bind.type for bind, name in compiled.bind_names.items()}
+            bound = tuple((name, _memo_if_time(key, types.get(name), processors.get(name))) for name in names)
             # Literals in the statement (x == 'applied') are bound parameters with a value of their own.
             fixed = {name: bind.effective_value for bind, name in compiled.bind_names.items() if not bind.required}
             found = self._compiled[key] = (str(compiled), bound, positional, fixed)

@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Mapping
 
 from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql
@@ -100,11 +100,20 @@ class IncomingCallback:
         return value[:128] if value else None
 
 
-def pick_headers(source) -> dict[str, str]:  # noqa: ANN001
-    """The headers worth keeping, each bounded; credentials are never among them."""
+def environ_key(header: str) -> str:
+    """Where a WSGI server puts a request header in the environ (CGI's names)."""
+    key = header.upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"
+
+
+_STORED_ENVIRON_KEYS = tuple((name, environ_key(name)) for name in STORED_HEADERS)
+
+
+def pick_headers(environ: Mapping[str, Any]) -> dict[str, str]:
+    """The headers worth keeping, read from the WSGI environ and each bounded; credentials are never among them."""
     kept = {}
-    for name in STORED_HEADERS:
-        value = source.get(name)
+    for name, key in _STORED_ENVIRON_KEYS:
+        value = environ.get(key)
         if value is not None:
             kept[name] = value[:_HEADER_VALUE_LIMIT]
     return kept
@@ -129,6 +138,9 @@ _STATUS_FOR_OUTCOME = {
 }
 
 
+_HEADERS_JSON = json.JSONEncoder(sort_keys=True).encode  # built once, not per json.dumps call
+
+
 def _bounded_body(body: bytes, limit: int) -> tuple[str, bool]:
     # NUL cannot be stored in PostgreSQL text; a body that has one was not a real callback anyway.
     return body[:limit].decode("utf-8", errors="replace").replace("\x00", "\ufffd"), len(body) > limit
@@ -144,7 +156,7 @@ def _delivery_values(incoming: IncomingCallback, *, body_limit: int = MAX_BODY_B
         "nonce": incoming.nonce,
         "remote_addr": (incoming.remote_addr or "")[:64] or None,
         "content_type": (incoming.content_type or "")[:255] or None,
-        "headers": json.dumps(incoming.headers, sort_keys=True),
+        "headers": _HEADERS_JSON(incoming.headers),
         "body": body,
         "body_truncated": truncated or not incoming.complete,
         "dedupe_key": None,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
@@ -46,8 +46,9 @@ DEFAULT_MAX_BATCH = 32
 class _Waiting:
     incoming: IncomingCallback
     snapshot: VoucherSnapshot
-    # Set when the callback is done, or when its thread is to lead the next batch.
-    wake: threading.Event = field(default_factory=threading.Event)
+    # Set when the callback is done, or when its thread is to lead the next batch. Only a callback
+    # that queues behind a running batch waits, so only it gets one (most callbacks lead).
+    wake: threading.Event | None = None
     lead: bool = False
     done: bool = False
     result: CallbackResult | None = None
@@ -80,10 +81,12 @@ class GroupCommit:
         """Record and apply one verified callback; raise (NonceReused, database errors) as receive_verified does."""
         me = _Waiting(incoming, snapshot)
         with self._lock:
-            self._queue.append(me)
-            if not self._leading:
+            if self._leading:
+                me.wake = threading.Event()
+            else:
                 self._leading = me.lead = True
-        if not me.lead:
+            self._queue.append(me)
+        if me.wake is not None:
             me.wake.wait()
         if not me.done:
             # Leader: run the batches queued so far (this one's included), then hand over.
@@ -120,7 +123,8 @@ class GroupCommit:
         finally:
             for item in batch:
                 item.done = True
-                item.wake.set()
+                if item.wake is not None:
+                    item.wake.set()
 
     def _hand_over(self) -> None:
         with self._lock:
@@ -128,6 +132,7 @@ class GroupCommit:
                 # The oldest waiting callback's thread runs the next batch; this thread answers its own.
                 successor = self._queue[0]
                 successor.lead = True
+                assert successor.wake is not None  # it queued behind this batch
                 successor.wake.set()
             else:
                 self._leading = False

@@ -8,6 +8,7 @@ process (web, scheduler, CLI) did the work.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Iterable
@@ -52,6 +53,12 @@ RM_API_CALLS = Counter("rmvs_rm_api_calls_total", "Calls to RM's API, by endpoin
 _PENDING = "rmvs_apply_outcomes"
 
 
+@functools.lru_cache(maxsize=1024)
+def labelled(metric: Counter | Histogram, *values: str):  # noqa: ANN201 - the metric's child
+    """``metric.labels(*values)``, looked up once: labels() takes a lock and builds a key on every call."""
+    return metric.labels(*values)
+
+
 def note_apply(session: Session, source: str, outcome: str) -> None:
     """Count an apply outcome once the session's transaction commits (a rollback discards it)."""
     session.info.setdefault(_PENDING, []).append((source, outcome))
@@ -59,7 +66,7 @@ def note_apply(session: Session, source: str, outcome: str) -> None:
 
 def count_apply(source: str, outcome: str) -> None:
     """Count an apply outcome that its owner has just committed on a bare Connection."""
-    APPLY_OUTCOMES.labels(source, outcome).inc()
+    labelled(APPLY_OUTCOMES, source, outcome).inc()
 
 
 @event.listens_for(Session, "after_commit")
@@ -75,7 +82,7 @@ def _forget_rolled_back(session: Session) -> None:
 
 def note_rm_call(endpoint: str, result: str) -> None:
     """RMClient's on_request hook."""
-    RM_API_CALLS.labels(endpoint, result).inc()
+    labelled(RM_API_CALLS, endpoint, result).inc()
 
 
 class DatabaseCollector(Collector):

@@ -100,6 +100,12 @@ def _no_float(_text: str) -> Any:
 
 
 _GO_TRANSLATION = str.maketrans(_GO_ESCAPES)
+# Built once: json.loads / json.dumps with options build a new decoder or encoder on every call.
+_PLAIN_DECODE = json.JSONDecoder(parse_int=_plain_int, parse_float=_no_float, parse_constant=_reject_constant).decode
+_CANONICAL_ENCODE = {
+    ascii_only: json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only).encode
+    for ascii_only in (False, True)
+}
 
 
 def canonical_body(body: bytes | str | None, *, ascii_only: bool = False) -> str | None:
@@ -113,7 +119,7 @@ def canonical_body(body: bytes | str | None, *, ascii_only: bool = False) -> str
     try:
         # Fast path, every callback: without fractions or exponents, json.dumps (C) writes exactly
         # what canonical_json would, and Go's escapes can only occur inside strings.
-        value = json.loads(body, parse_int=_plain_int, parse_float=_no_float, parse_constant=_reject_constant)
+        value = _PLAIN_DECODE(body)
     except _NotPlain:
         value = _loads_literal(body)
         plain = False
@@ -122,9 +128,7 @@ def canonical_body(body: bytes | str | None, *, ascii_only: bool = False) -> str
     if value is None or (isinstance(value, Mapping) and not value):
         return None
     if plain:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only).translate(
-            _GO_TRANSLATION
-        )
+        return _CANONICAL_ENCODE[ascii_only](value).translate(_GO_TRANSLATION)
     return canonical_json(value, ascii_only=ascii_only)
 
 

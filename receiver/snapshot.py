@@ -23,6 +23,11 @@ _INT = 2**31 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
+# Built once: json.dumps with options builds a new encoder on every call.
+_SORTED_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
+_COMPACT_SORTED_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+
+
 class SnapshotError(ValueError):
     """The payload is not a usable RM voucher."""
 
@@ -83,7 +88,7 @@ def _opt_str(item: Mapping[str, Any], key: str, limit: int = 255) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        value = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        value = _SORTED_JSON(value)
     # PostgreSQL text cannot hold NUL; keep the rest of the text (the raw JSON keeps it escaped).
     return value.replace("\x00", "\ufffd")[:limit]
 
@@ -120,7 +125,7 @@ def _opt_json(item: Mapping[str, Any], key: str) -> str | None:
     value = item.get(key)
     if value is None or value == "" or value == {}:
         return None
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _COMPACT_SORTED_JSON(value)
 
 
 @dataclass(frozen=True)
@@ -200,7 +205,7 @@ def snapshot_from_item(item: Any) -> VoucherSnapshot:
         "used_at": t("usedAt"),
         "rm_created_at": t("createdAt"),
     }
-    raw = json.dumps(item, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    raw = _COMPACT_SORTED_JSON(item)
     try:
         fingerprint = hashlib.sha256(raw.encode("utf-8")).hexdigest()
     except UnicodeEncodeError:

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import deliveries
 from .deliveries import MAX_BODY_BYTES, TRUNCATED_BODY_BYTES, IncomingCallback, NonceReused
-from .metrics import CALLBACKS, REJECTIONS_NOT_STORED
+from .metrics import CALLBACKS, REJECTIONS_NOT_STORED, labelled
 from .models import DeliveryOutcome
 from .runtime import current_runtime
 from .signature import SignatureError, verify_signed
@@ -38,13 +38,16 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode  # built once, not per json.loads call
+
+
 def _voucher_item(body: bytes) -> Mapping[str, Any]:
     """Just enough parsing to tell a voucher callback from something else (400): JSON, envelope, a code.
 
     The full snapshot is built only once the signature holds, so a forged flood costs no more than this.
     """
     try:
-        document = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        document = _DECODE(body.decode("utf-8"))
     except RecursionError:
         raise SnapshotError("body is nested too deeply") from None
     except (UnicodeDecodeError, ValueError):
@@ -79,7 +82,7 @@ def _reject(
     voucher_code: str | None = None,
 ) -> tuple[Response, int]:
     runtime = current_runtime()
-    CALLBACKS.labels(outcome.value).inc()
+    labelled(CALLBACKS, outcome.value).inc()
     if not runtime.rejection_limiter.allow(incoming.remote_addr):
         REJECTIONS_NOT_STORED.inc()
         return jsonify(payload), http_status
@@ -101,7 +104,7 @@ def voucher_callback() -> tuple[Response, int]:
     body, too_large = _read_body()
     incoming = IncomingCallback(
         body=body,
-        headers=deliveries.pick_headers(request.headers),
+        headers=deliveries.pick_headers(request.environ),
         remote_addr=request.remote_addr,
         content_type=request.content_type,
         complete=not too_large,
@@ -130,9 +133,10 @@ def voucher_callback() -> tuple[Response, int]:
                 runtime.server_public_key,
                 body=body,
                 method="post",
-                signature=request.headers.get("X-Signature"),
-                nonce=request.headers.get("X-Nonce-Str"),
-                timestamp=request.headers.get("X-Timestamp"),
+                # Straight from the environ: request.headers looks each name up the long way.
+                signature=request.environ.get("HTTP_X_SIGNATURE"),
+                nonce=request.environ.get("HTTP_X_NONCE_STR"),
+                timestamp=request.environ.get("HTTP_X_TIMESTAMP"),
                 max_age_seconds=runtime.settings.signature_max_age_seconds,
             )
         except SignatureError as exc:
@@ -167,7 +171,7 @@ def voucher_callback() -> tuple[Response, int]:
         result.status.value, snapshot.code, result.delivery_id, result.attempts,
         extra={"voucher_code": snapshot.code, "delivery_id": result.delivery_id},
     )
-    CALLBACKS.labels(result.status.value).inc()
+    labelled(CALLBACKS, result.status.value).inc()
     return current_app.response_class(_status_json(result.status.value), mimetype="application/json"), 200
 
 
@@ -184,14 +188,14 @@ def _failure(incoming: IncomingCallback, snapshot: VoucherSnapshot, exc: Excepti
     runtime = current_runtime()
     if is_unavailable(exc):
         log.warning("database unavailable for callback: %s", type(exc).__name__, extra={"voucher_code": snapshot.code})
-        CALLBACKS.labels("unavailable").inc()
+        labelled(CALLBACKS, "unavailable").inc()
         return jsonify({"error": "unavailable"}), 503
     log.exception("applying callback failed", extra={"voucher_code": snapshot.code})
     try:
         deliveries.record_failure(runtime.sessions, incoming, snapshot, f"{type(exc).__name__}: {exc}")
     except Exception as second:  # noqa: BLE001
         log.warning("could not record the failed callback: %s", type(second).__name__)
-        CALLBACKS.labels("unavailable").inc()
+        labelled(CALLBACKS, "unavailable").inc()
         return jsonify({"error": "unavailable"}), 503
-    CALLBACKS.labels(DeliveryOutcome.ERROR.value).inc()
+    labelled(CALLBACKS, DeliveryOutcome.ERROR.value).inc()
     return jsonify({"error": "internal", "detail": "the callback was stored and will be retried"}), 500
