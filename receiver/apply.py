@@ -71,6 +71,8 @@ _LOCK_SELECT = (
         _V.c.id, _V.c.status, _V.c.rm_updated_ns, _V.c.snapshot_sha256, _V.c.needs_reconcile,
         exists().where(*_SEEN).label("seen"),
         exists().where(*_SEEN, _E.c.outcome == Outcome.APPLIED.value).label("seen_applied"),
+        # As stored (raw DBAPI values): see _APPLY_SAME_KEYS.
+        _V.c.batch_key, _V.c.expires_at,
     )
     .where(_V.c.code == bindparam("code"))
     .with_for_update()
@@ -106,10 +108,20 @@ class _Locked(NamedTuple):
     needs_reconcile: bool
     seen: bool
     seen_applied: bool
+    batch_key: str | None
+    expires_at: Any
 
 
 _apply_core = update(_V).where(_V.c.id == bindparam("b_id")).values({n: bindparam(f"b_{n}") for n in _APPLIED_COLUMNS})
 _APPLY = Direct(_apply_core)
+# SQLite rewrites an index entry for every indexed column an UPDATE sets, changed or not. A
+# voucher's batch and expiry rarely change, so when they are as stored, this UPDATE leaves them
+# (and their two indexes) alone: 19.7 -> 17.6 pages written per callback. PostgreSQL writes a new
+# entry in every index anyway (the status changes), so it always runs _APPLY.
+_SAME_KEYS_COLUMNS = [n for n in _APPLIED_COLUMNS if n not in ("batch_key", "expires_at")]
+_APPLY_SAME_KEYS = Direct(
+    update(_V).where(_V.c.id == bindparam("b_id")).values({n: bindparam(f"b_{n}") for n in _SAME_KEYS_COLUMNS})
+)
 _CONFIRM = Direct(
     update(_V)
     .where(_V.c.id == bindparam("b_id"))
@@ -244,7 +256,10 @@ def _apply(
         params = {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}}
         if record and combine:
             return _record(conn, _APPLY_AND_RECORD, {**params, **event}, row.status, snapshot, decision, changed=True)
-        _APPLY.rows(conn, params)
+        same_keys = not combine and row.batch_key == values["batch_key"] and (
+            row.expires_at == _APPLY.bind_value(conn.dialect, "b_expires_at", values["expires_at"])
+        )
+        (_APPLY_SAME_KEYS if same_keys else _APPLY).rows(conn, params)
     elif decision.needs_reconcile:
         _FLAG.rows(conn, {"b_id": row.id})
 

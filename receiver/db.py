@@ -656,12 +656,17 @@ class Direct:
             bound = tuple((name, _memo_if_time(key, types.get(name), processors.get(name))) for name in names)
             # Literals in the statement (x == 'applied') are bound parameters with a value of their own.
             fixed = {name: bind.effective_value for bind, name in compiled.bind_names.items() if not bind.required}
-            found = self._compiled[key] = (str(compiled), bound, positional, fixed)
+            found = self._compiled[key] = (str(compiled), bound, positional, fixed, dict(bound))
         return found
+
+    def bind_value(self, dialect, name: str, value: Any) -> Any:  # noqa: ANN001
+        """``value`` as this statement would send it for parameter ``name`` (after its type's conversion)."""
+        process = self._for(dialect)[4].get(name)
+        return value if process is None else process(value)
 
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple]:
         """Run the statement in ``conn``'s transaction; every row it returns (none for plain DML)."""
-        sql, bound, positional, fixed = self._for(conn.dialect)
+        sql, bound, positional, fixed, _ = self._for(conn.dialect)
         if fixed:
             params = {**fixed, **params}
         values = [params[n] if process is None else process(params[n]) for n, process in bound]

@@ -7,11 +7,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, exc, insert, text
+from sqlalchemy import Column, Integer, MetaData, Table, event, exc, insert, select, text
 
+from receiver.apply import apply_snapshot
 from receiver.db import Direct, is_unavailable, make_engine
 from receiver.deliveries import pick_headers
-from receiver.models import UTCDateTime
+from receiver.models import Source, UTCDateTime, Voucher
+from receiver.snapshot import snapshot_from_item
+from tests.support import voucher_item
 
 
 def test_begin_on_a_locked_sqlite_database_is_an_unavailable_sqlalchemy_error(tmp_path: Path) -> None:
@@ -88,3 +91,39 @@ def test_stored_headers_come_from_the_wsgi_environ_bounded_and_without_credentia
         "X-Nonce-Str": "nonce-1",
         "X-Timestamp": "1767225600",
     }
+
+
+def test_an_update_leaves_batch_and_expiry_alone_only_while_they_are_as_stored(migrated_url: str) -> None:
+    """Unchanged batch and expiry are left out of the UPDATE (SQLite then skips their indexes); changed ones are written."""
+    engine = make_engine(migrated_url)
+    updates: list[str] = []
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _trace(dbapi_connection, _record) -> None:  # noqa: ANN001
+            dbapi_connection.set_trace_callback(
+                lambda sql: updates.append(sql) if sql.startswith("UPDATE vouchers") else None
+            )
+
+    def apply(status: str, step: int, **overrides) -> None:  # noqa: ANN003
+        with engine.begin() as conn:
+            apply_snapshot(conn, snapshot_from_item(voucher_item("KEYS1", status, step, **overrides)), source=Source.CALLBACK)
+
+    def stored() -> tuple:
+        with engine.connect() as conn:
+            row = conn.execute(select(Voucher.status, Voucher.batch_key, Voucher.expires_at).where(Voucher.code == "KEYS1"))
+            return tuple(row.one())
+
+    apply("VALID", 1)
+    apply("ISSUE", 2)
+    assert stored() == ("ISSUE", "batch-1", datetime(2027, 1, 1, tzinfo=timezone.utc))
+    moved = {"voucherBatchKey": "batch-2", "expiry": {"type": "FIXED", "day": 0, "expiredAt": "2027-06-01T00:00:00Z"}}
+    apply("REDEEMED", 3, **moved)
+    assert stored() == ("REDEEMED", "batch-2", datetime(2027, 6, 1, tzinfo=timezone.utc))
+    apply("VOID", 4, expiry={"type": "FIXED", "day": 0, "expiredAt": "2027-07-01T00:00:00Z"}, voucherBatchKey="batch-2")
+    assert stored() == ("VOID", "batch-2", datetime(2027, 7, 1, tzinfo=timezone.utc))
+    if engine.dialect.name == "sqlite":
+        assert len(updates) == 3
+        assert "batch_key" not in updates[0] and "expires_at" not in updates[0]  # ISSUE: both as stored
+        assert "batch_key" in updates[1] and "expires_at" in updates[1]  # REDEEMED: both moved
+        assert "expires_at" in updates[2]  # VOID: the expiry moved again
+    engine.dispose()
