@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import fcntl
 import logging
@@ -627,6 +628,17 @@ def _memo_if_time(key: tuple, type_: Any, process: Callable[[Any], Any] | None) 
     return _time_memos.setdefault((*key, repr(type_)), functools.lru_cache(maxsize=1024)(process))
 
 
+class _Compiled:
+    """One dialect's compiled form of a Direct statement."""
+
+    __slots__ = ("sql", "bound", "fixed", "processors", "returns_rows")
+
+    def __init__(self, sql: str, bound: tuple, fixed: dict[str, Any]) -> None:
+        self.sql, self.bound, self.fixed = sql, bound, fixed
+        self.processors = dict(bound)
+        self.returns_rows: bool | None = None  # learnt from the first execution
+
+
 class Direct:
     """A Core statement compiled once per dialect and run straight on the DBAPI cursor.
 
@@ -641,43 +653,49 @@ class Direct:
 
     def __init__(self, statement: Executable) -> None:
         self.statement = statement
-        self._compiled: dict[tuple, tuple] = {}
+        self._compiled: dict[tuple, _Compiled] = {}
 
-    def _for(self, dialect) -> tuple:  # noqa: ANN001
+    def _for(self, dialect) -> _Compiled:  # noqa: ANN001
         key = (dialect.name, dialect.driver, dialect.server_version_info)
         found = self._compiled.get(key)
         if found is None:
+            if not dialect.positional:
+                # psycopg maps named parameters to their positions on every execution (a loop in
+                # Python); the same statement compiled with positional %s placeholders skips that.
+                dialect = copy.copy(dialect)
+                dialect.paramstyle, dialect.positional = "format", True
             compiled = self.statement.compile(dialect=dialect)
-            positional = compiled.positiontup is not None
-            # qmark (SQLite): one value per placeholder, in order; pyformat (psycopg): one per name.
-            names = compiled.positiontup if positional else dict.fromkeys(compiled.bind_names.values())
+            # One value per placeholder, in order (a parameter used twice is sent twice).
+            names = compiled.positiontup
             processors = compiled._bind_processors
             types = {name: bind.type for bind, name in compiled.bind_names.items()}
             bound = tuple((name, _memo_if_time(key, types.get(name), processors.get(name))) for name in names)
             # Literals in the statement (x == 'applied') are bound parameters with a value of their own.
             fixed = {name: bind.effective_value for bind, name in compiled.bind_names.items() if not bind.required}
-            found = self._compiled[key] = (str(compiled), bound, positional, fixed, dict(bound))
+            found = self._compiled[key] = _Compiled(str(compiled), bound, fixed)
         return found
 
     def bind_value(self, dialect, name: str, value: Any) -> Any:  # noqa: ANN001
         """``value`` as this statement would send it for parameter ``name`` (after its type's conversion)."""
-        process = self._for(dialect)[4].get(name)
+        process = self._for(dialect).processors.get(name)
         return value if process is None else process(value)
 
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple]:
         """Run the statement in ``conn``'s transaction; every row it returns (none for plain DML)."""
-        sql, bound, positional, fixed, _ = self._for(conn.dialect)
-        if fixed:
-            params = {**fixed, **params}
-        values = [params[n] if process is None else process(params[n]) for n, process in bound]
-        args = tuple(values) if positional else {n: v for (n, _), v in zip(bound, values)}
+        compiled = self._for(conn.dialect)
+        if compiled.fixed:
+            params = {**compiled.fixed, **params}
+        args = tuple([params[n] if process is None else process(params[n]) for n, process in compiled.bound])
         cursor = conn.connection.cursor()
         try:
-            cursor.execute(sql, args)
+            cursor.execute(compiled.sql, args)
             # Drained and closed at once: an SQLite statement with RETURNING is only done when read.
-            return cursor.fetchall() if cursor.description is not None else []
+            # Whether it returns rows is asked once: psycopg builds cursor.description anew each time.
+            if compiled.returns_rows is None:
+                compiled.returns_rows = cursor.description is not None
+            return cursor.fetchall() if compiled.returns_rows else []
         except Exception as error:  # noqa: BLE001 - SQLAlchemy wraps it (and invalidates a dead connection)
-            conn._handle_dbapi_exception(error, sql, args, cursor, None)
+            conn._handle_dbapi_exception(error, compiled.sql, args, cursor, None)
         finally:
             cursor.close()
 
