@@ -102,6 +102,7 @@ def _no_float(_text: str) -> Any:
 _GO_TRANSLATION = str.maketrans(_GO_ESCAPES)
 # Built once: json.loads / json.dumps with options build a new decoder or encoder on every call.
 _PLAIN_DECODE = json.JSONDecoder(parse_int=_plain_int, parse_float=_no_float, parse_constant=_reject_constant).decode
+_STANDARD_DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
 _CANONICAL_ENCODE = {
     ascii_only: json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only).encode
     for ascii_only in (False, True)
@@ -117,19 +118,49 @@ def canonical_body(body: bytes | str | None, *, ascii_only: bool = False) -> str
     if not body.strip():
         return None
     try:
-        # Fast path, every callback: without fractions or exponents, json.dumps (C) writes exactly
-        # what canonical_json would, and Go's escapes can only occur inside strings.
+        # Fast path, every callback: a body whose numbers are plain integers (_canonical_plain).
         value = _PLAIN_DECODE(body)
     except _NotPlain:
         value = _loads_literal(body)
         plain = False
     else:
         plain = True
+    if plain:
+        return _canonical_plain(value, ascii_only)
     if value is None or (isinstance(value, Mapping) and not value):
         return None
-    if plain:
-        return _CANONICAL_ENCODE[ascii_only](value).translate(_GO_TRANSLATION)
     return canonical_json(value, ascii_only=ascii_only)
+
+
+def _canonical_plain(value: Any, ascii_only: bool = False) -> str | None:
+    # Without fractions or exponents, json.dumps (C) writes exactly what canonical_json would, and
+    # Go's escapes can only occur inside strings.
+    if value is None or (isinstance(value, Mapping) and not value):
+        return None
+    return _CANONICAL_ENCODE[ascii_only](value).translate(_GO_TRANSLATION)
+
+
+class PlainJson:
+    """A body parsed by load_json_body whose numbers are all plain integers: verify_signed can reuse the parse."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def load_json_body(text: str) -> tuple[Any, PlainJson | None]:
+    """Parse a JSON body once for its reader and for verify_signed(parsed=...): the document, and the parse to reuse.
+
+    The second item is None when the body has numbers json.dumps might not write back digit for
+    digit; verify_signed then parses the bytes its own way. Raises ValueError for anything that is
+    not JSON (NaN and Infinity included), RecursionError for absurd nesting.
+    """
+    try:
+        value = _PLAIN_DECODE(text)
+    except _NotPlain:
+        return _STANDARD_DECODE(text), None
+    return value, PlainJson(value)
 
 
 def data_b64(canonical: str | bytes | None) -> str:
@@ -233,10 +264,10 @@ class SignatureError(Exception):
     """A callback's signature is missing, malformed, wrong or expired."""
 
 
-def _candidate_data(body: bytes) -> Iterable[str]:
+def _candidate_data(body: bytes, parsed: PlainJson | None) -> Iterable[str]:
     # The documented canonical form first; then forms RM's undocumented variants may use.
     try:
-        yield data_b64(canonical_body(body))
+        yield data_b64(canonical_body(body) if parsed is None else _canonical_plain(parsed.value))
     except (ValueError, UnicodeDecodeError):
         pass
     yield data_b64(body.strip() or None)
@@ -257,8 +288,12 @@ def verify_signed(
     request_url: str | None = None,
     max_age_seconds: int = 0,
     now: float | None = None,
+    parsed: PlainJson | None = None,
 ) -> None:
-    """Raise SignatureError unless the headers prove ``public_key``'s owner sent ``body``."""
+    """Raise SignatureError unless the headers prove ``public_key``'s owner sent ``body``.
+
+    ``parsed``: ``body`` itself as load_json_body parsed it (never another body's), to spare a second parse.
+    """
     if not signature or not nonce or not timestamp:
         raise SignatureError("missing X-Signature, X-Nonce-Str or X-Timestamp")
     if not signature.startswith(SIGNATURE_PREFIX):
@@ -274,7 +309,7 @@ def verify_signed(
         if skew > max_age_seconds:
             raise SignatureError(f"X-Timestamp is {int(skew)} s away from now (limit {max_age_seconds} s)")
     tried: set[str] = set()
-    for data in _candidate_data(body):
+    for data in _candidate_data(body, parsed):
         if data in tried:
             continue
         tried.add(data)

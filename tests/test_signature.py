@@ -57,6 +57,37 @@ def test_every_vector_case_verifies(vectors: dict) -> None:
         )
 
 
+def _other_signature(signature: str) -> str:
+    raw = bytearray(base64.b64decode(signature[len("sha256 "):]))
+    raw[-1] ^= 1
+    return "sha256 " + base64.b64encode(bytes(raw)).decode("ascii")
+
+
+def test_a_body_parsed_once_verifies_as_its_bytes_do(vectors: dict) -> None:
+    """verify_signed(parsed=...) reuses the reader's parse of a plain body and reaches the same verdict."""
+    _, public = _keys(vectors)
+    reused = 0
+    for case in vectors["cases"]:
+        if not (case["body"] or "").strip():
+            continue
+        document, parsed = sig.load_json_body(case["body"])
+        assert document == json.loads(case["body"])
+        reused += parsed is not None
+        kwargs = dict(
+            body=case["body"].encode("utf-8"), method=case["method"], nonce=case["nonce"],
+            timestamp=case["timestamp"], request_url=case["request_url"], parsed=parsed,
+        )
+        sig.verify_signed(public[case["signed_with"]], signature=case["x_signature"], **kwargs)
+        with pytest.raises(sig.SignatureError):  # the parse does not stand in for the signature
+            sig.verify_signed(public[case["signed_with"]], signature=_other_signature(case["x_signature"]), **kwargs)
+    assert reused >= 3
+    # Fractions are not plain: no parse to reuse, and the document is the standard one.
+    document, parsed = sig.load_json_body('{"amount": 1.50}')
+    assert parsed is None and document == {"amount": 1.5}
+    with pytest.raises(ValueError):
+        sig.load_json_body('{"amount": NaN}')
+
+
 def _callback_case(vectors: dict) -> dict:
     return next(c for c in vectors["cases"] if c["name"] == "seed_voucher_callback")
 
