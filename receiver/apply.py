@@ -116,7 +116,7 @@ _apply_core = update(_V).where(_V.c.id == bindparam("b_id")).values({n: bindpara
 _APPLY = Direct(_apply_core)
 # SQLite rewrites an index entry for every indexed column an UPDATE sets, changed or not. A
 # voucher's batch and expiry rarely change, so when they are as stored, this UPDATE leaves them
-# (and their two indexes) alone: 19.7 -> 17.6 pages written per callback. PostgreSQL writes a new
+# (and their two indexes) alone: 19.7 -> 17.8 WAL pages per lifecycle callback. PostgreSQL writes a new
 # entry in every index anyway (the status changes), so it always runs _APPLY.
 _SAME_KEYS_COLUMNS = [n for n in _APPLIED_COLUMNS if n not in ("batch_key", "expires_at")]
 _APPLY_SAME_KEYS = Direct(

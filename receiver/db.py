@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import functools
 import fcntl
+import functools
 import logging
 import os
 import signal

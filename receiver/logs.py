@@ -89,7 +89,7 @@ def configure(level: str = "INFO", fmt: str = "text", secrets: list[str] | None 
     """Install one stderr handler on the root logger (replacing ours from an earlier call)."""
     # Per record, the logging module walks the stack for the caller's file, line and function
     # and looks up the thread and multiprocessing names: no format here (ours or gunicorn's) prints
-    # them, and they were a third of the cost of the line every callback logs. The process id stays
+    # them, and they were a fifth of the cost of the line every callback logs. The process id stays
     # (gunicorn's lines print it). These switches are the logging module's own ("Optimization").
     logging.logThreads = False
     logging.logMultiprocessing = False
