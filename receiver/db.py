@@ -166,11 +166,11 @@ def _sqlite_engine(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     wal_sync = WalSync(str(path)) if path is not None and sync_after_commit else None
-    connect_args: dict[str, Any] = {"timeout": busy_timeout, "check_same_thread": False}
-    if wal_sync is not None:
-        connect_args["factory"] = WalSyncedConnection
-    engine = create_engine(url, connect_args=connect_args)
     checkpointer = Checkpointer(str(path), synchronous) if path is not None else None
+    connect_args: dict[str, Any] = {"timeout": busy_timeout, "check_same_thread": False}
+    if path is not None:
+        connect_args["factory"] = SqliteFileConnection
+    engine = create_engine(url, connect_args=connect_args)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001
@@ -191,6 +191,7 @@ def _sqlite_engine(
             # Checkpoints move to the Checkpointer's thread: run inside a commit, one would hold
             # the writer turn (and so every other writer) while it copies and fsyncs the WAL.
             cursor.execute("PRAGMA wal_autocheckpoint=0")
+            dbapi_connection.checkpointer = checkpointer
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -209,7 +210,6 @@ def _sqlite_engine(
 
     if checkpointer is not None:
         _checkpointers[engine] = checkpointer
-        event.listen(engine, "commit", lambda _conn: checkpointer.nudge())
     return engine
 
 
@@ -278,15 +278,23 @@ class WalSync:
             os.close(fd)
 
 
-class WalSyncedConnection(sqlite3.Connection):
-    """An SQLite connection whose commit() returns once the commit is on disk (WalSync)."""
+class SqliteFileConnection(sqlite3.Connection):
+    """A connection to an SQLite file whose commit() nudges the Checkpointer and returns once on disk (WalSync)."""
 
     wal_sync: WalSync | None = None
+    checkpointer: Checkpointer | None = None
 
     def commit(self) -> None:  # noqa: D102
         committing = self.in_transaction
         super().commit()
-        if committing and self.wal_sync is not None:
+        if not committing:
+            return
+        # After the commit, not in SQLAlchemy's "commit" event (which runs before it): a nudge
+        # that woke the checkpointer before the frames were in the WAL let it checkpoint without
+        # them and then stop, leaving the last burst's WAL uncopied until the next commit.
+        if self.checkpointer is not None:
+            self.checkpointer.nudge()
+        if self.wal_sync is not None:
             self.wal_sync.committed()
 
 

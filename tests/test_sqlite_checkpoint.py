@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from receiver.db import checkpointer_of, make_engine, writer_turn
 
@@ -47,6 +47,31 @@ def test_commits_do_not_checkpoint_and_the_checkpointer_copies_the_wal_then_stop
     with engine.begin() as conn:  # and a later commit starts it again
         conn.execute(text("INSERT INTO blobs VALUES (x'00')"))
     assert checkpointer.running()
+    engine.dispose()
+
+
+def test_a_commit_slower_than_the_checkpointer_is_still_checkpointed(tmp_path: Path) -> None:
+    """The checkpointer is woken after a commit's frames are in the WAL, so a slow commit's pages are copied too."""
+    path = tmp_path / "s.db"
+    engine = make_engine(f"sqlite:///{path}")
+    checkpointer = checkpointer_of(engine)
+    assert checkpointer is not None
+    checkpointer.interval = 0.01
+    checkpointer.idle = 0.3
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE blobs (b BLOB)"))
+    assert checkpointer.running()  # waiting for the next nudge
+
+    # SQLAlchemy's "commit" event runs just before the DBAPI commit: holding it there is a commit
+    # that takes longer than the checkpointer needs to wake, run and go back to waiting.
+    event.listen(engine, "commit", lambda _conn: time.sleep(0.15))
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO blobs VALUES (:b)"), [{"b": os.urandom(PAGE)} for _ in range(500)])
+    deadline = time.monotonic() + 10
+    while checkpointer.running() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not checkpointer.running()
+    assert os.path.getsize(path) >= 500 * PAGE, "the last commit's WAL frames were copied before the thread stopped"
     engine.dispose()
 
 

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 from sqlalchemy import select, text
 
-from receiver.db import WalSyncedConnection, deferred_wal_syncs, make_engine, writer_turn
+from receiver.db import deferred_wal_syncs, make_engine, writer_turn
 from receiver.group_commit import GroupCommit
 from receiver.models import DeliveryOutcome, WebhookDelivery
 from tests.support import CALLBACK_PATH, callback_body, migrate, verified_callback, voucher_item
@@ -67,7 +67,7 @@ def test_a_commit_returns_only_after_its_wal_is_flushed(sqlite_file: Path, monke
     try:
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL: COMMIT leaves the flush to us
-            assert isinstance(conn.connection.dbapi_connection, WalSyncedConnection)
+            assert conn.connection.dbapi_connection.wal_sync is not None
         fsyncs = FsyncLog(monkeypatch)
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO scheduler_leases (name, holder, acquired_at, expires_at) VALUES ('a', 'h', '2030-01-01', '2030-01-01')"))
@@ -104,7 +104,7 @@ def test_sqlite_own_full_when_asked(sqlite_file: Path) -> None:
     try:
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
-            assert not isinstance(conn.connection.dbapi_connection, WalSyncedConnection)
+            assert conn.connection.dbapi_connection.wal_sync is None
     finally:
         engine.dispose()
 
