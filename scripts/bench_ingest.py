@@ -251,9 +251,13 @@ class Runner:
             log(f"  database {db.url}")
             # Rounds alternate the apps, so a slower spell of this shared machine hits each of them
             # (single runs of the same code vary by +-30% here); medians are reported.
-            plan = [(r, phase, app) for r in range(a.rounds)
-                    for phase, app in (("hello", HELLO_APP), ("minimal", MINIMAL_APP), ("project", PROJECT_APP))
-                    if phase in a.apps]
+            apps = {"hello": HELLO_APP, "minimal": MINIMAL_APP, "project": PROJECT_APP}
+            plan = []
+            for r in range(a.rounds):
+                order = list(a.apps)
+                if a.order == "balanced" and r % 2:
+                    order.reverse()
+                plan += [(r, phase, apps[phase]) for phase in order]
             for round_no, phase, app in plan:
                 last_round = round_no == a.rounds - 1
                 log(f"  [{phase}{f' round {round_no + 1}/{a.rounds}' if a.rounds > 1 else ''}] gunicorn {app!r}, "
@@ -647,6 +651,8 @@ def main() -> int:
                         help="untimed rounds on each database before the counted ones (caches warm as in a live one)")
     parser.add_argument("--growth-deliveries", action="store_true",
                         help="growth also loads one webhook_deliveries row per event (what real traffic leaves)")
+    parser.add_argument("--order", choices=("fixed", "balanced"), default="fixed",
+                        help="fixed: --apps order every round; balanced: reversed on every second round")
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate the apps this many times and report the median round of each")
     parser.add_argument("--profile", action="store_true", help="py-spy the project's workers under load (untimed)")
