@@ -7,9 +7,9 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, text
 
-from receiver.db import checkpointer_of, make_engine, writer_turn
+from receiver.db import Checkpointer, checkpointer_of, make_engine, writer_turn
 
 PAGE = 4096
 
@@ -21,17 +21,24 @@ def _wal_size(path: Path) -> int:
         return 0
 
 
-def test_commits_do_not_checkpoint_and_the_checkpointer_copies_the_wal_then_stops(tmp_path: Path) -> None:
-    """A commit leaves the WAL to the Checkpointer's thread, which copies it into the file and ends when idle."""
-    path = tmp_path / "c.db"
-    engine = make_engine(f"sqlite:///{path}")
+def _blobs_database(path: Path, sqlite_synchronous: str = "FULL", **settings: float) -> tuple[Engine, Checkpointer]:
+    """An engine on a new file with a ``blobs`` table, and its Checkpointer with ``settings`` applied."""
+    engine = make_engine(f"sqlite:///{path}", sqlite_synchronous=sqlite_synchronous)
     checkpointer = checkpointer_of(engine)
     assert checkpointer is not None
-    checkpointer.idle = 0.5
+    for name, value in settings.items():
+        setattr(checkpointer, name, value)
     with engine.begin() as conn:
         # The setting that keeps a checkpoint out of the commit (and so out of the writer turn).
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
         conn.execute(text("CREATE TABLE blobs (b BLOB)"))
+    return engine, checkpointer
+
+
+def test_commits_do_not_checkpoint_and_the_checkpointer_copies_the_wal_then_stops(tmp_path: Path) -> None:
+    """A commit leaves the WAL to the Checkpointer's thread, which copies it into the file and ends when idle."""
+    path = tmp_path / "c.db"
+    engine, checkpointer = _blobs_database(path, idle=0.5)
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO blobs VALUES (:b)"), [{"b": os.urandom(PAGE)} for _ in range(2000)])
     assert _wal_size(path) > 2000 * PAGE
@@ -53,13 +60,7 @@ def test_commits_do_not_checkpoint_and_the_checkpointer_copies_the_wal_then_stop
 def test_a_commit_slower_than_the_checkpointer_is_still_checkpointed(tmp_path: Path) -> None:
     """The checkpointer is woken after a commit's frames are in the WAL, so a slow commit's pages are copied too."""
     path = tmp_path / "s.db"
-    engine = make_engine(f"sqlite:///{path}")
-    checkpointer = checkpointer_of(engine)
-    assert checkpointer is not None
-    checkpointer.interval = 0.01
-    checkpointer.idle = 0.3
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE blobs (b BLOB)"))
+    engine, checkpointer = _blobs_database(path, interval=0.01, idle=0.3)
     assert checkpointer.running()  # waiting for the next nudge
 
     # SQLAlchemy's "commit" event runs just before the DBAPI commit: holding it there is a commit
@@ -78,13 +79,7 @@ def test_a_commit_slower_than_the_checkpointer_is_still_checkpointed(tmp_path: P
 def test_wal_stays_bounded_under_back_to_back_writers(tmp_path: Path) -> None:
     """Writers that never pause (as under a burst) cannot grow the WAL past its bound: the checkpointer takes the turn."""
     path = tmp_path / "w.db"
-    engine = make_engine(f"sqlite:///{path}", sqlite_synchronous="NORMAL")
-    checkpointer = checkpointer_of(engine)
-    assert checkpointer is not None
-    checkpointer.restart_frames = 500
-    checkpointer.interval = 0.02
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE blobs (b BLOB)"))
+    engine, checkpointer = _blobs_database(path, "NORMAL", restart_frames=500, interval=0.02)
 
     largest = 0
     stop = threading.Event()
@@ -124,8 +119,6 @@ def test_wal_stays_bounded_under_back_to_back_writers(tmp_path: Path) -> None:
 
 def test_checkpointer_never_creates_a_database_that_has_gone(tmp_path: Path) -> None:
     """A nudge after the database file was removed logs and ends; it does not leave an empty new database."""
-    from receiver.db import Checkpointer
-
     gone = tmp_path / "gone.db"
     checkpointer = Checkpointer(str(gone), idle=0.1)
     checkpointer.nudge()
