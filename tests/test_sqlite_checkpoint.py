@@ -60,7 +60,7 @@ def test_commits_do_not_checkpoint_and_the_checkpointer_copies_the_wal_then_stop
 def test_a_commit_slower_than_the_checkpointer_is_still_checkpointed(tmp_path: Path) -> None:
     """The checkpointer is woken after a commit's frames are in the WAL, so a slow commit's pages are copied too."""
     path = tmp_path / "s.db"
-    engine, checkpointer = _blobs_database(path, interval=0.01, idle=0.3)
+    engine, checkpointer = _blobs_database(path, interval=0.01, idle=1.0)
     assert checkpointer.running()  # waiting for the next nudge
 
     # SQLAlchemy's "commit" event runs just before the DBAPI commit: holding it there is a commit
