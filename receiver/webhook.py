@@ -19,6 +19,8 @@ from .snapshot import SnapshotError, VoucherSnapshot, snapshot_from_item, vouche
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
+# The signature headers' keys in the WSGI environ (request.headers looks each name up the long way).
+_SIGNATURE_KEY, _NONCE_KEY, _TIMESTAMP_KEY = map(deliveries.environ_key, ("X-Signature", "X-Nonce-Str", "X-Timestamp"))
 
 
 def _read_body() -> tuple[bytes, bool]:
@@ -127,10 +129,9 @@ def voucher_callback() -> tuple[Response, int]:
                 runtime.server_public_key,
                 body=body,
                 method="post",
-                # Straight from the environ: request.headers looks each name up the long way.
-                signature=request.environ.get("HTTP_X_SIGNATURE"),
-                nonce=request.environ.get("HTTP_X_NONCE_STR"),
-                timestamp=request.environ.get("HTTP_X_TIMESTAMP"),
+                signature=request.environ.get(_SIGNATURE_KEY),
+                nonce=request.environ.get(_NONCE_KEY),
+                timestamp=request.environ.get(_TIMESTAMP_KEY),
                 max_age_seconds=runtime.settings.signature_max_age_seconds,
                 parsed=parsed,
             )
