@@ -205,6 +205,10 @@ def snapshot_from_item(item: Any) -> VoucherSnapshot:
         "used_at": t("usedAt"),
         "rm_created_at": t("createdAt"),
     }
+    updated = parse_rm_time(item.get("updatedAt"), "updatedAt")
+    if updated is not None and not -_BIGINT <= updated.ns <= _BIGINT:
+        # Stored exactly as nanoseconds (vouchers.rm_updated_ns, BIGINT): 1677 to 2262 fit.
+        raise SnapshotError(f"updatedAt is out of range: {item['updatedAt'][:40]!r}")
     raw = _COMPACT_SORTED_JSON(item)
     try:
         fingerprint = hashlib.sha256(raw.encode("utf-8")).hexdigest()
@@ -214,7 +218,7 @@ def snapshot_from_item(item: Any) -> VoucherSnapshot:
         code=code.strip(),
         status=status,
         raw_status=raw_status,
-        updated=parse_rm_time(item.get("updatedAt"), "updatedAt"),
+        updated=updated,
         fingerprint=fingerprint,
         raw=raw,
         fields=fields,

@@ -56,6 +56,9 @@ def test_issued_is_issue_and_unknown_is_kept() -> None:
         ({"code": "A"}, "no status"),
         ({"code": "A", "status": "VALID", "amount": "lots"}, "amount"),
         ({"code": "A", "status": "VALID", "updatedAt": "soon"}, "updatedAt"),
+        # Valid times, but beyond the nanoseconds a BIGINT holds (vouchers.rm_updated_ns).
+        ({"code": "A", "status": "VALID", "updatedAt": "9999-12-31T23:59:59Z"}, "updatedAt is out of range"),
+        ({"code": "A", "status": "VALID", "updatedAt": "1000-01-01T00:00:00Z"}, "updatedAt is out of range"),
         ({"code": "A", "status": "VALID", "expiry": "never"}, "expiry"),
         ({"code": "A" * 129, "status": "VALID"}, "longer"),
         ("A", "JSON object"),
@@ -65,6 +68,15 @@ def test_unusable_items(item, message: str) -> None:  # noqa: ANN001
     with pytest.raises(SnapshotError, match=message):
         snapshot_from_item(item)
 
+
+
+def test_the_last_updated_at_a_bigint_holds_is_kept_and_far_expiries_are_not_limited() -> None:
+    last = snapshot_from_item({
+        "code": "A", "status": "VALID", "updatedAt": "2262-04-11T23:47:16.854775807Z",
+        "expiry": {"type": "FIXED", "expiredAt": "9999-12-31T23:59:59Z"},
+    })
+    assert last.rm_updated_ns == 2**63 - 1
+    assert last.fields["expires_at"] == datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
 
 def test_fingerprint_ignores_key_order_and_whitespace() -> None:
     a = snapshot_from_item(json.loads('{"code": "A", "status": "VALID", "amount": 1}'))
