@@ -1,18 +1,20 @@
 """The one writer of `vouchers` and `voucher_events`: apply an RM voucher snapshot.
 
-Callbacks, reconciliation, backfill and merchant actions all come through ``apply_snapshot``.
-It never commits: the request, job or command that owns the work owns the transaction.
+Callbacks, reconciliation, backfill and merchant actions all come through ``apply_snapshot``, or
+through the ``plan_apply`` it is built on (callbacks committed together on PostgreSQL). It never
+commits: the request, job or command that owns the work owns the transaction.
 
 It runs on every callback and every reconciled voucher, so it uses a handful of pre-built Core
 statements, compiled once per dialect and run on the DBAPI cursor (db.Direct), instead of
-loading ORM objects.
+loading ORM objects. What a snapshot does is decided first (plan_apply) and run after, so that
+on PostgreSQL the writes of several callbacks in one transaction go to the server together.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from sqlalchemy import Connection, Insert, bindparam, exists, func, insert, literal, select, text, true, update
 from sqlalchemy.dialects import postgresql
@@ -202,46 +204,77 @@ def apply_snapshot(
     skips the ORM) the owner of the transaction counts it after its commit (metrics.count_apply).
     """
     conn = connection_of(session)
-    result = _apply(conn, snapshot, source, delivery_id, now or utcnow(), locked)
+    row = _lock(conn, {"code": snapshot.code, "sha": snapshot.fingerprint}) if locked is NOT_LOCKED else locked
+    plan = plan_apply(conn, snapshot, source=source, delivery_id=delivery_id, now=now or utcnow(), locked=row)
+    result = plan.run(conn) or apply_after_conflict(conn, plan)
     if isinstance(session, Session):
         note_apply(session, source.value, result.outcome.value)
     return result
 
 
-def _apply(
-    conn: Connection, snapshot: VoucherSnapshot, source: Source, delivery_id: int | None, now: datetime,
+@dataclass(frozen=True)
+class ApplyPlan:
+    """What applying one snapshot to a voucher locked in this transaction takes, decided before any of it runs.
+
+    ``steps`` are the statements to run, in order; ``finish`` turns their rows into the result.
+    On PostgreSQL ``finish`` runs nothing more, so the statements of several callbacks can be sent
+    together (db.pipelined). It answers None when a concurrent transaction created the voucher
+    first, and nothing was written: apply_after_conflict then applies on top of that row.
+    """
+
+    snapshot: VoucherSnapshot
+    source: Source
+    delivery_id: int | None
+    now: datetime
+    steps: tuple[tuple[Direct, dict[str, Any]], ...]
+    finish: Callable[[Connection, list[list[tuple]]], ApplyResult | None]
+
+    def run(self, conn: Connection) -> ApplyResult | None:
+        """Run the steps one after the other and finish; None as ``finish`` says."""
+        return self.finish(conn, [statement.rows(conn, params) for statement, params in self.steps])
+
+
+def plan_apply(
+    conn: Connection, snapshot: VoucherSnapshot, *, source: Source, delivery_id: int | None, now: datetime,
     locked: _Locked | None,
-) -> ApplyResult:
+) -> ApplyPlan:
+    """Decide what ``snapshot`` does to the voucher row this transaction holds (None: no voucher yet)."""
+    def plan(steps: tuple[tuple[Direct, dict[str, Any]], ...], finish: Callable) -> ApplyPlan:
+        return ApplyPlan(snapshot, source, delivery_id, now, steps, finish)
+
     # Anything other than a pushed callback is RM answering our own question: authoritative.
     authoritative = source is not Source.CALLBACK
     combine = conn.dialect.name == "postgresql"
-    lock_params = {"code": snapshot.code, "sha": snapshot.fingerprint}
-    row = _lock(conn, lock_params) if locked is NOT_LOCKED else locked
+    row = locked
     if row is None:
         decision = decide(None, _observed(snapshot))
         event = _event_params(None, snapshot, decision, source, delivery_id, now)
         voucher = _new_voucher_values(snapshot, source, now)
         if combine:
-            inserted = _INSERT_NEW_AND_RECORD.first(conn, {**voucher, **event})
-            if inserted is not None:
-                return _result(None, snapshot, decision, inserted[0], changed=True)
-        # RETURNING, not rowcount: psycopg reports -1 for an ON CONFLICT insert whichever way it went.
-        elif _INSERT_VOUCHER.first(conn, voucher) is not None:
+            # No row back: the insert conflicted (another transaction created the voucher), no event written.
+            return plan(((_INSERT_NEW_AND_RECORD, {**voucher, **event}),), lambda _conn, rows: (
+                _result(None, snapshot, decision, rows[0][0][0], changed=True) if rows[0] else None
+            ))
+
+        def new_voucher(conn: Connection, rows: list[list[tuple]]) -> ApplyResult | None:
+            # RETURNING, not rowcount: psycopg reports -1 for an ON CONFLICT insert whichever way it went.
+            if not rows[0]:
+                return None
             return _record(conn, _INSERT_EVENT, event, None, snapshot, decision, changed=True)
-        # A concurrent transaction created the voucher first: apply on top of its row.
-        row = _lock(conn, lock_params)
-        assert row is not None, "voucher vanished after a conflicting insert"
+
+        return plan(((_INSERT_VOUCHER, voucher),), new_voucher)
 
     current = Observed(row.status, row.rm_updated_ns, row.snapshot_sha256)
     decision = decide(current, _observed(snapshot), authoritative=authoritative)
 
     if decision.outcome is Outcome.DUPLICATE:
-        if authoritative:
-            _CONFIRM.rows(conn, {"b_id": row.id, "b_now": now})
-        return ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=False)
+        duplicate = ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=False)
+        steps = ((_CONFIRM, {"b_id": row.id, "b_now": now}),) if authoritative else ()
+        return plan(steps, lambda _conn, _rows: duplicate)
 
     record = not _already_recorded(row, decision.outcome)
     event = _event_params(row.status, snapshot, decision, source, delivery_id, now) if record else {}
+    steps: tuple[tuple[Direct, dict[str, Any]], ...] = ()
     if decision.apply:
         values = {
             **_snapshot_columns(snapshot),
@@ -255,17 +288,33 @@ def _apply(
         }
         params = {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}}
         if record and combine:
-            return _record(conn, _APPLY_AND_RECORD, {**params, **event}, row.status, snapshot, decision, changed=True)
+            return plan(((_APPLY_AND_RECORD, {**params, **event}),), lambda _conn, rows: _result(
+                row.status, snapshot, decision, rows[-1][0][0], changed=True
+            ))
         same_keys = not combine and row.batch_key == values["batch_key"] and (
             row.expires_at == _APPLY.bind_value(conn.dialect, "b_expires_at", values["expires_at"])
         )
-        (_APPLY_SAME_KEYS if same_keys else _APPLY).rows(conn, params)
+        steps = ((_APPLY_SAME_KEYS if same_keys else _APPLY, params),)
     elif decision.needs_reconcile:
-        _FLAG.rows(conn, {"b_id": row.id})
+        steps = ((_FLAG, {"b_id": row.id}),)
 
     if not record:
-        return ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=decision.apply)
-    return _record(conn, _INSERT_EVENT, event, row.status, snapshot, decision, changed=decision.apply)
+        unrecorded = ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=decision.apply)
+        return plan(steps, lambda _conn, _rows: unrecorded)
+    return plan((*steps, (_INSERT_EVENT, event)), lambda _conn, rows: _result(
+        row.status, snapshot, decision, rows[-1][0][0], changed=decision.apply
+    ))
+
+
+def apply_after_conflict(conn: Connection, plan: ApplyPlan) -> ApplyResult:
+    """A concurrent transaction created the voucher ``plan`` meant to create: apply on top of its row."""
+    snapshot = plan.snapshot
+    row = _lock(conn, {"code": snapshot.code, "sha": snapshot.fingerprint})
+    assert row is not None, "voucher vanished after a conflicting insert"
+    again = plan_apply(conn, snapshot, source=plan.source, delivery_id=plan.delivery_id, now=plan.now, locked=row)
+    result = again.run(conn)
+    assert result is not None, "a voucher row that exists cannot conflict"
+    return result
 
 
 def record_not_found(session: Session, code: str, *, source: Source, now: datetime | None = None) -> ApplyResult | None:

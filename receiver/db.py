@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from sqlalchemy import (
     Connection, DateTime, Engine, Executable, Table, TextClause, TypeDecorator, bindparam, create_engine, event, exc, text,
@@ -688,20 +688,21 @@ class Direct:
         process = self._for(dialect).processors.get(name)
         return value if process is None else process(value)
 
-    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple]:
-        """Run the statement in ``conn``'s transaction; every row it returns (none for plain DML)."""
+    def prepare(self, conn: Connection, params: Mapping[str, Any]) -> tuple[_Compiled, tuple]:
+        """The SQL for ``conn``'s dialect and its positional arguments, converted by the columns' types."""
         compiled = self._for(conn.dialect)
         if compiled.fixed:
             params = {**compiled.fixed, **params}
-        args = tuple([params[n] if process is None else process(params[n]) for n, process in compiled.bound])
+        return compiled, tuple([params[n] if process is None else process(params[n]) for n, process in compiled.bound])
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple]:
+        """Run the statement in ``conn``'s transaction; every row it returns (none for plain DML)."""
+        compiled, args = self.prepare(conn, params)
         cursor = conn.connection.cursor()
         try:
             cursor.execute(compiled.sql, args)
             # Drained and closed at once: an SQLite statement with RETURNING is only done when read.
-            # Whether it returns rows is asked once: psycopg builds cursor.description anew each time.
-            if compiled.returns_rows is None:
-                compiled.returns_rows = cursor.description is not None
-            return cursor.fetchall() if compiled.returns_rows else []
+            return _fetch(compiled, cursor)
         except Exception as error:  # noqa: BLE001 - SQLAlchemy wraps it (and invalidates a dead connection)
             conn._handle_dbapi_exception(error, compiled.sql, args, cursor, None)
         finally:
@@ -711,6 +712,42 @@ class Direct:
         """The first row, or None."""
         rows = self.rows(conn, params)
         return rows[0] if rows else None
+
+
+def _fetch(compiled: _Compiled, cursor: Any) -> list[tuple]:
+    # Whether it returns rows is asked once: psycopg builds cursor.description anew each time.
+    if compiled.returns_rows is None:
+        compiled.returns_rows = cursor.description is not None
+    return cursor.fetchall() if compiled.returns_rows else []
+
+
+def pipelined(conn: Connection, calls: Sequence[tuple[Direct, Mapping[str, Any]]]) -> list[list[tuple]]:
+    """PostgreSQL: run Direct statements in order in one round trip (psycopg's pipeline mode); each one's rows.
+
+    Only for statements whose parameters do not depend on each other's results. (psycopg waits
+    for a transaction's BEGIN on its own, before the pipeline's statements.) An error in any
+    statement aborts the transaction and is raised as Direct.rows raises it.
+    """
+    if len(calls) < 2:
+        # Nothing to send together; pipeline mode would only add its own cost.
+        return [statement.rows(conn, params) for statement, params in calls]
+    driver = conn.connection.driver_connection
+    prepared = [statement.prepare(conn, params) for statement, params in calls]
+    cursors: list[Any] = []
+    sql, args = prepared[0][0].sql, prepared[0][1]
+    try:
+        with driver.pipeline():
+            for compiled, args in prepared:
+                sql = compiled.sql
+                cursors.append(driver.cursor())
+                cursors[-1].execute(sql, args)
+        return [_fetch(compiled, cursor) for (compiled, _args), cursor in zip(prepared, cursors)]
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy wraps it (and invalidates a dead connection)
+        # Which statement failed is not known here; the error names the last one sent.
+        conn._handle_dbapi_exception(error, sql, args, cursors[-1] if cursors else None, None)
+    finally:
+        for cursor in cursors:
+            cursor.close()
 
 
 def connection_of(target: Session | Connection) -> Connection:

@@ -10,15 +10,24 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .apply import NOT_LOCKED, ApplyResult, apply_snapshot, insert_then_lock, locked_row
-from .db import Direct, connection_of, insert_unless_conflict, once_more_if_connection_died
+from .apply import (
+    NOT_LOCKED,
+    ApplyPlan,
+    ApplyResult,
+    apply_after_conflict,
+    apply_snapshot,
+    insert_then_lock,
+    locked_row,
+    plan_apply,
+)
+from .db import Direct, connection_of, insert_unless_conflict, once_more_if_connection_died, pipelined
 from .metrics import count_apply
 from .models import DeliveryOutcome, Source, WebhookDelivery, utcnow
 from .snapshot import VoucherSnapshot
@@ -219,6 +228,18 @@ def record_rejection(
     return session.execute(_INSERT, values).scalar_one()
 
 
+def _verified_values(incoming: IncomingCallback, snapshot: VoucherSnapshot) -> dict[str, Any]:
+    # Built before the first statement: on SQLite that statement takes the database's write lock.
+    return _delivery_values(
+        incoming,
+        dedupe_key=incoming.body_sha256,
+        outcome=DeliveryOutcome.ACCEPTED.value,
+        http_status=200,
+        voucher_code=snapshot.code,
+        signature_verified=True,
+    )
+
+
 def accept_verified(
     session: Session | Connection, incoming: IncomingCallback, snapshot: VoucherSnapshot
 ) -> CallbackResult:
@@ -227,28 +248,63 @@ def accept_verified(
     A redelivery of the same bytes bumps ``attempts`` and has no new effect, unless the earlier
     attempt failed on our side, in which case it is applied now. A signed nonce reused for other
     bytes is a replayed signature. New deliveries, the common case, cost one insert: only when it
-    conflicts does a second query find out which of those it was.
+    conflicts does a second query find out which of those it was. The owner of the transaction
+    counts the outcome in /metrics once it has committed (count_committed).
     """
-    sha = incoming.body_sha256
-    # Built before the first statement: on SQLite that statement takes the database's write lock.
-    values = _delivery_values(
-        incoming,
-        dedupe_key=sha,
-        outcome=DeliveryOutcome.ACCEPTED.value,
-        http_status=200,
-        voucher_code=snapshot.code,
-        signature_verified=True,
-    )
     conn = connection_of(session)
     if conn.dialect.name == "postgresql":
-        found = _INSERT_VERIFIED_AND_LOCK.first(conn, {**values, "code": snapshot.code, "sha": snapshot.fingerprint})
-        delivery_id, locked = found[0], locked_row(found[1:])
-    else:
-        inserted = _INSERT_VERIFIED.first(conn, values)
-        delivery_id, locked = (inserted[0] if inserted is not None else None), NOT_LOCKED
+        (outcome,) = accept_verified_together(conn, [(incoming, snapshot)])
+        if isinstance(outcome, NonceReused):
+            raise outcome
+        return outcome
+    inserted = _INSERT_VERIFIED.first(conn, _verified_values(incoming, snapshot))
+    return _after_insert(conn, incoming, snapshot, inserted[0] if inserted is not None else None, NOT_LOCKED)
+
+
+def accept_verified_together(
+    conn: Connection, callbacks: Sequence[tuple[IncomingCallback, VoucherSnapshot]]
+) -> list[CallbackResult | NonceReused]:
+    """PostgreSQL: accept_verified for callbacks of distinct vouchers, in order, their statements sent together.
+
+    All the delivery inserts (each locking its voucher) go in one round trip, the BEGIN with them;
+    then all the voucher writes and events in a second. A delivery whose insert conflicted (a
+    redelivery, a replayed nonce) or whose new voucher was created meanwhile by another
+    transaction takes the one-statement-at-a-time path. A replayed nonce comes back as its
+    NonceReused in place of a result, having written nothing; any other error is raised.
+    """
+    found = pipelined(conn, [
+        (_INSERT_VERIFIED_AND_LOCK, {**_verified_values(incoming, snapshot), "code": snapshot.code, "sha": snapshot.fingerprint})
+        for incoming, snapshot in callbacks
+    ])
+    outcomes: list[CallbackResult | NonceReused | None] = [None] * len(callbacks)
+    plans: list[tuple[int, int, ApplyPlan]] = []
+    for index, ((incoming, snapshot), rows) in enumerate(zip(callbacks, found)):
+        delivery_id, locked = rows[0][0], locked_row(rows[0][1:])
+        if delivery_id is None:
+            try:
+                outcomes[index] = _after_insert(conn, incoming, snapshot, None, locked)
+            except NonceReused as exc:
+                outcomes[index] = exc
+            continue
+        plan = plan_apply(
+            conn, snapshot, source=Source.CALLBACK, delivery_id=delivery_id, now=incoming.received_at, locked=locked
+        )
+        plans.append((index, delivery_id, plan))
+    written = iter(pipelined(conn, [step for _index, _id, plan in plans for step in plan.steps]))
+    for index, delivery_id, plan in plans:
+        result = plan.finish(conn, [next(written) for _step in plan.steps]) or apply_after_conflict(conn, plan)
+        outcomes[index] = _conclude(conn, delivery_id, None, 1, result)
+    return outcomes  # type: ignore[return-value] - every slot is filled above
+
+
+def _after_insert(
+    conn: Connection, incoming: IncomingCallback, snapshot: VoucherSnapshot, delivery_id: int | None, locked: Any
+) -> CallbackResult:
+    """The rest of accept_verified once the delivery insert ran: ``delivery_id`` None when it conflicted."""
     prior = None
     attempts = 1
     if delivery_id is None:
+        sha = incoming.body_sha256
         rows = conn.execute(_PRIOR, {"sha": sha, "nonce": incoming.nonce}).all()
         if any(row.nonce == incoming.nonce and row.body_sha256 != sha for row in rows):
             raise NonceReused("X-Nonce-Str was already used with a different body")
@@ -261,8 +317,13 @@ def accept_verified(
         delivery_id = prior.id
 
     result = apply_snapshot(
-        session, snapshot, source=Source.CALLBACK, delivery_id=delivery_id, now=incoming.received_at, locked=locked
+        conn, snapshot, source=Source.CALLBACK, delivery_id=delivery_id, now=incoming.received_at, locked=locked
     )
+    return _conclude(conn, delivery_id, prior, attempts, result)
+
+
+def _conclude(conn: Connection, delivery_id: int, prior: Any, attempts: int, result: ApplyResult) -> CallbackResult:
+    """Record on the delivery what its snapshot did, where that is not the ``accepted`` it was inserted with."""
     status = _STATUS_FOR_OUTCOME[result.outcome]
     if prior is not None or status is not DeliveryOutcome.ACCEPTED:
         _SET_OUTCOME.rows(conn, {"b_id": delivery_id, "b_outcome": status.value})

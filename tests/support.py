@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import select
 import signal
 import socket
@@ -269,10 +270,15 @@ def terminate_backends(admin_url: str, url: str) -> int:
 
 
 class TcpProxy:
-    """A loopback TCP proxy that a test can cut and restore, to take a database away mid-run."""
+    """A loopback TCP proxy that a test can cut and restore, to take a database away mid-run.
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    ``delay``: seconds every answer from the target is held back, so that each time a client
+    waits for the database costs it that long (a far-away database, to count round trips by).
+    """
+
+    def __init__(self, target_host: str, target_port: int, delay: float = 0.0) -> None:
         self.target = (target_host, target_port)
+        self.delay = delay
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -303,6 +309,9 @@ class TcpProxy:
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
 
     def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        answers: queue.Queue = queue.Queue()
+        if self.delay:
+            threading.Thread(target=self._answer_late, args=(answers, a), daemon=True).start()
         try:
             while True:
                 ready, _, _ = select.select([a, b], [], [], 1.0)
@@ -310,12 +319,26 @@ class TcpProxy:
                     data = src.recv(65536)
                     if not data:
                         return
-                    (b if src is a else a).sendall(data)
+                    if src is b and self.delay:
+                        answers.put((time.monotonic() + self.delay, data))
+                    else:
+                        (b if src is a else a).sendall(data)
         except (OSError, ValueError):  # ValueError: cut() closed a socket while select() waited on it
             return
         finally:
+            answers.put(None)
             a.close()
             b.close()
+
+    def _answer_late(self, answers: queue.Queue, client: socket.socket) -> None:
+        # Each answer leaves ``delay`` after it arrived, in order: latency, not a slower link.
+        while (item := answers.get()) is not None:
+            due, data = item
+            time.sleep(max(0.0, due - time.monotonic()))
+            try:
+                client.sendall(data)
+            except OSError:
+                return
 
     def cut(self) -> None:
         """Refuse new connections and kill the live ones: the database is gone."""

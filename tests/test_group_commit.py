@@ -13,14 +13,14 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event, func, make_url, select, text
 
 from receiver.db import WriterTurn, WriterTurnTimeout, is_unavailable, make_engine
 from receiver.deliveries import NonceReused
 from receiver.group_commit import GroupCommit, _Waiting
 from receiver.metrics import GROUP_COMMIT_CALLBACKS
 from receiver.models import DeliveryOutcome, Voucher, VoucherEvent, WebhookDelivery
-from tests.support import terminate_backends, verified_callback
+from tests.support import TcpProxy, terminate_backends, verified_callback
 
 
 def _group_totals() -> tuple[float, float]:
@@ -327,6 +327,80 @@ def test_a_transaction_on_a_pooled_connection_that_died_runs_once_more_on_a_new_
     finally:
         engine.dispose()
 
+
+@pytest.mark.postgres
+def test_a_group_of_callbacks_waits_for_postgresql_four_times_whatever_its_size(postgres_url) -> None:  # noqa: ANN001
+    """BEGIN; every delivery insert; every voucher write and event; COMMIT: four waits for the database.
+
+    The database sits behind a proxy that holds each of its answers back 0.2 s, so every wait
+    for an answer costs 0.2 s. One statement at a time, a group of five callbacks waited twelve
+    times (BEGIN, five inserts, five writes, COMMIT). A delivery RM sent twice takes its own
+    statements (find it, count the attempt); the others still go together.
+    """
+    delay = 0.2
+    parsed = make_url(postgres_url)
+    proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432, delay=delay)
+    engine = make_engine(parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False), pool_size=1)
+
+    def waits(group: list[_Waiting]) -> float:
+        started = time.monotonic()
+        committer._run(group)
+        assert [w.error for w in group] == [None] * len(group)
+        return (time.monotonic() - started) / delay
+
+    try:
+        committer = GroupCommit(engine)
+        committer._run([_Waiting(*verified_callback("RTWARM", "VALID", 0))])  # connects outside the count
+        for size in (1, 5):
+            created = [_Waiting(*verified_callback(f"RT{size}-{i}", "VALID", 0)) for i in range(size)]
+            assert 4 <= waits(created) < 7, f"{size} new vouchers"
+            changed = [_Waiting(*verified_callback(f"RT{size}-{i}", "ISSUE", 1)) for i in range(size)]
+            assert 4 <= waits(changed) < 7, f"{size} status changes"
+        assert committer.stats.fallbacks == 0
+        group = [_Waiting(changed[0].incoming, changed[0].snapshot), _Waiting(*verified_callback("RT5-1", "REDEEMED", 2))]
+        assert 4 + 2 <= waits(group) < 4 + 2 + 3
+        assert group[0].result.status is DeliveryOutcome.DUPLICATE and group[0].result.attempts == 2
+        assert group[1].result.status is DeliveryOutcome.ACCEPTED
+        with engine.connect() as conn:
+            statuses = dict(conn.execute(select(Voucher.code, Voucher.status).where(Voucher.code.like("RT5-%"))).all())
+        assert statuses == {"RT5-0": "ISSUE", "RT5-1": "REDEEMED", "RT5-2": "ISSUE", "RT5-3": "ISSUE", "RT5-4": "ISSUE"}
+    finally:
+        engine.dispose()
+        proxy.close()
+
+
+@pytest.mark.postgres
+def test_a_voucher_created_meanwhile_by_another_transaction_is_applied_on_top_of_in_the_same_group(postgres_url) -> None:  # noqa: ANN001
+    """The group found no voucher, so it sent an insert; the other transaction's commit makes that insert conflict.
+
+    The callback is then applied on top of the other transaction's row, one statement at a time,
+    without failing the group: no fallback, one event per snapshot.
+    """
+    from receiver.apply import apply_snapshot
+    from receiver.models import Source
+
+    engine = make_engine(postgres_url, pool_size=2)
+    try:
+        committer = GroupCommit(engine)
+        other = engine.connect()
+        other.begin()
+        apply_snapshot(other, verified_callback("RACEX", "VALID", 0)[1], source=Source.RECONCILE)  # not committed yet
+        threading.Timer(0.5, other.commit).start()  # while the group's insert of RACEX waits for it
+        group = [_Waiting(*verified_callback("RACEX", "ISSUE", 1)), _Waiting(*verified_callback("RACEY", "VALID", 0))]
+        committer._run(group)
+        other.close()
+        assert [w.error for w in group] == [None, None]
+        assert [w.result.status for w in group] == [DeliveryOutcome.ACCEPTED] * 2
+        assert group[0].result.apply.from_status == "VALID" and committer.stats.fallbacks == 0
+        with engine.connect() as conn:
+            assert dict(conn.execute(select(Voucher.code, Voucher.status)).all()) == {"RACEX": "ISSUE", "RACEY": "VALID"}
+            events = conn.execute(
+                select(VoucherEvent.to_status, VoucherEvent.source).where(VoucherEvent.voucher_code == "RACEX")
+                .order_by(VoucherEvent.id)
+            ).all()
+            assert [tuple(e) for e in events] == [("VALID", "reconcile"), ("ISSUE", "callback")]
+    finally:
+        engine.dispose()
 
 def test_writer_turn_is_exclusive_while_writers_give_up_and_others_take_over(tmp_path) -> None:  # noqa: ANN001
     """Processes and threads taking turns, many giving up on short deadlines: never two holders at once."""
