@@ -598,6 +598,20 @@ def _settle() -> None:
     """A Python-level call: pending signal handlers run at its start."""
 
 
+@contextlib.contextmanager
+def write_turn(turn: WriterTurn | None) -> Iterator[None]:
+    """Hold the SQLite writer turn (None: no turn to take) for a transaction; flush its commit after giving the turn up.
+
+    For writes besides the callbacks' group commit (rejected deliveries, say): in SQLite's busy
+    handler instead, they would hold the write lock while a callback that has the turn sleeps out
+    the handler's steps, up to 100 ms each.
+    """
+    with deferred_wal_syncs() as flush:
+        with turn.hold() if turn is not None else contextlib.nullcontext():
+            yield
+        flush()
+
+
 def writer_turn(engine: Engine, timeout: float) -> WriterTurn | None:
     """A WriterTurn for an SQLite file database; None for PostgreSQL and in-memory SQLite."""
     path = _sqlite_file(engine.url.database) if engine.dialect.name == "sqlite" else None

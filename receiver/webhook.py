@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import deliveries
+from .db import is_unavailable, write_turn
 from .deliveries import MAX_BODY_BYTES, TRUNCATED_BODY_BYTES, IncomingCallback, NonceReused
 from .metrics import CALLBACKS, REJECTIONS_NOT_STORED, labelled
 from .models import DeliveryOutcome
@@ -83,7 +84,7 @@ def _reject(
         REJECTIONS_NOT_STORED.inc()
         return jsonify(payload), http_status
     try:
-        with runtime.sessions.begin() as session:
+        with write_turn(runtime.turn), runtime.sessions.begin() as session:
             delivery_id = deliveries.record_rejection(
                 session, incoming, outcome=outcome, http_status=http_status, error=error, voucher_code=voucher_code
             )
@@ -179,8 +180,6 @@ def _status_json(status: str) -> bytes:
 
 def _failure(incoming: IncomingCallback, snapshot: VoucherSnapshot, exc: Exception) -> tuple[Response, int]:
     """Nothing was committed. Database down: 503. Our bug: keep the delivery as `error`, answer 500."""
-    from .db import is_unavailable
-
     runtime = current_runtime()
     if is_unavailable(exc):
         log.warning("database unavailable for callback: %s", type(exc).__name__, extra={"voucher_code": snapshot.code})
@@ -188,7 +187,8 @@ def _failure(incoming: IncomingCallback, snapshot: VoucherSnapshot, exc: Excepti
         return jsonify({"error": "unavailable"}), 503
     log.exception("applying callback failed", extra={"voucher_code": snapshot.code})
     try:
-        deliveries.record_failure(runtime.sessions, incoming, snapshot, f"{type(exc).__name__}: {exc}")
+        with write_turn(runtime.turn):
+            deliveries.record_failure(runtime.sessions, incoming, snapshot, f"{type(exc).__name__}: {exc}")
     except Exception as second:  # noqa: BLE001
         log.warning("could not record the failed callback: %s", type(second).__name__)
         labelled(CALLBACKS, "unavailable").inc()

@@ -461,3 +461,42 @@ def test_writer_turn_is_exclusive_while_writers_give_up_and_others_take_over(tmp
     assert overlaps == 0, "two writers held the turn at once"
     assert held + gave_up == 3 * 2 * 150
     assert held > 0 and gave_up > 0  # both paths ran: turns taken, and waits abandoned then taken over
+
+
+def test_a_rejected_callback_is_stored_only_in_its_writer_turn(tmp_path, vectors) -> None:  # noqa: ANN001
+    """A forged callback's row waits for the writer turn, so it never holds SQLite's lock while a callback sleeps on it."""
+    import sqlite3
+
+    from receiver import create_app
+    from receiver.config import load_settings
+    from tests.support import callback_body, fresh_settings_env, migrate, voucher_item
+
+    path = tmp_path / "receiver.db"
+    url = f"sqlite:///{path}"
+    migrate(url)
+    app = create_app(load_settings(fresh_settings_env(url, vectors, tmp_path)))
+    forged = callback_body(voucher_item("FORGED", "VOID"))
+    answers: list[int] = []
+
+    def post() -> None:
+        answers.append(app.test_client().post("/webhooks/revenuemonster/voucher", data=forged,
+                                              headers={"Content-Type": "application/json"}).status_code)
+
+    def stored() -> int:
+        with sqlite3.connect(path) as conn:
+            return conn.execute("SELECT count(*) FROM webhook_deliveries WHERE outcome = 'rejected_signature'").fetchone()[0]
+
+    try:
+        # Another process's writer (here: another descriptor of the same lock file) has the turn.
+        holder = WriterTurn(f"{path}-writer.lock", timeout=5)
+        with holder.hold():
+            poster = threading.Thread(target=post)
+            poster.start()
+            poster.join(0.5)
+            waited = poster.is_alive()
+            rows_while_held = stored()
+        poster.join(10)
+    finally:
+        app.extensions["rm_voucher_sync"].engine.dispose()
+    assert waited and rows_while_held == 0, "the rejected delivery was written while another writer had the turn"
+    assert answers == [401] and stored() == 1
