@@ -33,7 +33,7 @@ def reconcile_command(codes: tuple[str, ...]) -> None:
     if codes:
         summary = reconcile_codes(
             runtime.sessions, client, list(dict.fromkeys(codes)),
-            concurrency=runtime.settings.reconcile_concurrency, trigger="cli",
+            concurrency=runtime.settings.reconcile_concurrency, trigger="cli", turn=runtime.turn,
         )
     else:
         def progress(running) -> None:  # noqa: ANN001

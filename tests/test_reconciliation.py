@@ -240,3 +240,35 @@ def test_pass_keeps_exactly_concurrency_requests_at_rm(db, fake_rm, rm_client) -
         in_flight += step
         peak = max(peak, in_flight)
     assert peak == 4
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_scheduled_pass_on_sqlite_writes_only_in_its_writer_turn(app, db, fake_rm, rm_client, migrated_url) -> None:  # noqa: ANN001
+    """Reconciliation waits for the web workers' writer turn instead of taking SQLite's lock from under it."""
+    import threading
+
+    from sqlalchemy import make_url
+
+    from receiver.db import WriterTurn
+    from receiver.scheduler import run_reconcile_under_lease
+
+    _seed(db, fake_rm, "BEHIND", "ISSUE")
+    fake_rm.set_status("BEHIND", "REDEEMED")
+    with db.begin() as s:  # a callback was missed: the pass must look at it
+        s.scalars(select(Voucher).where(Voucher.code == "BEHIND")).one().needs_reconcile = True
+    runtime = app.extensions["rm_voucher_sync"]
+    results: list = []
+    # What a web worker holds while it writes a callback: the turn, on another descriptor of the lock file.
+    holder = WriterTurn(f"{make_url(migrated_url).database}-writer.lock", timeout=5)
+    with holder.hold():
+        worker = threading.Thread(target=lambda: results.append(run_reconcile_under_lease(runtime, rm_client, trigger="test")))
+        worker.start()
+        worker.join(0.5)
+        waited = worker.is_alive()
+        with db() as s:
+            runs_while_held = s.scalar(select(func.count()).select_from(ReconcileRun))
+    worker.join(10)
+    assert waited and runs_while_held == 0, "the pass wrote while a web worker had the turn"
+    assert results and results[0].changed == 1
+    with db() as s:
+        assert s.scalar(select(Voucher.status).where(Voucher.code == "BEHIND")) == "REDEEMED"
