@@ -210,30 +210,35 @@ class Reconciler:
 
     def _apply_chunk(self, chunk: list[_Fetched], *, isolate: bool) -> Counter[str]:
         counts: Counter[str] = Counter()
+        # Answers are parsed before the transaction: on SQLite it holds the writer turn, and every
+        # callback waits while it does.
+        usable: list[tuple[str, VoucherSnapshot | None]] = []
+        for fetched in chunk:
+            counts["checked"] += 1
+            if fetched.error:
+                counts["failed"] += 1
+                log.warning("reconcile %s failed: %s", fetched.code, fetched.error)
+                continue
+            try:
+                usable.append((fetched.code, None if fetched.not_found else snapshot_from_item(fetched.item)))
+            except SnapshotError as exc:
+                counts["failed"] += 1
+                log.warning("RM's answer for %s is unusable: %s", fetched.code, exc)
+        if not usable:
+            return counts
         with write_turn(self.turn), self.factory.begin() as session:
-            for fetched in chunk:
-                counts["checked"] += 1
-                if fetched.error:
-                    counts["failed"] += 1
-                    log.warning("reconcile %s failed: %s", fetched.code, fetched.error)
-                    continue
-                try:
-                    snapshot = None if fetched.not_found else snapshot_from_item(fetched.item)
-                except SnapshotError as exc:
-                    counts["failed"] += 1
-                    log.warning("RM's answer for %s is unusable: %s", fetched.code, exc)
-                    continue
+            for code, snapshot in usable:
                 if not isolate:
-                    self._apply_one(session, fetched.code, snapshot, counts)
+                    self._apply_one(session, code, snapshot, counts)
                     continue
                 try:
                     with session.begin_nested():
-                        self._apply_one(session, fetched.code, snapshot, counts)
+                        self._apply_one(session, code, snapshot, counts)
                 except Exception as exc:
                     if is_unavailable(exc):
                         raise
                     counts["failed"] += 1
-                    log.exception("applying RM's answer for %s failed", fetched.code)
+                    log.exception("applying RM's answer for %s failed", code)
         return counts
 
     @staticmethod

@@ -272,3 +272,20 @@ def test_a_scheduled_pass_on_sqlite_writes_only_in_its_writer_turn(app, db, fake
     assert results and results[0].changed == 1
     with db() as s:
         assert s.scalar(select(Voucher.status).where(Voucher.code == "BEHIND")) == "REDEEMED"
+
+
+def test_an_unusable_answer_fails_only_its_voucher(db, fake_rm, rm_client) -> None:  # noqa: ANN001
+    """RM's answer that is no voucher snapshot counts as failed; the others in its chunk are applied."""
+    for code in ("GOOD-1", "BROKEN", "GOOD-2"):
+        _seed(db, fake_rm, code, "ISSUE")
+        fake_rm.set_status(code, "REDEEMED")
+    fake_rm.vouchers["BROKEN"]["updatedAt"] = "yesterday"
+
+    result = reconcile_codes(db, rm_client, ["GOOD-1", "BROKEN", "GOOD-2"], concurrency=2, trigger="test")
+
+    assert (result.checked, result.changed, result.failed) == (3, 2, 1)
+    with db() as s:
+        assert dict(s.execute(select(Voucher.code, Voucher.status)).all()) == {
+            "GOOD-1": "REDEEMED", "BROKEN": "ISSUE", "GOOD-2": "REDEEMED",
+        }
+        assert s.get(ReconcileRun, result.run_id).failed == 1

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Callbacks while the scheduler reconciles: genuine callback latency with and without a pass writing beside them.
+
+Runs the real gunicorn server (production settings) on SQLite (default) or PostgreSQL, seeds
+--vouchers vouchers from the fake RM (its own process, --latency-ms per answer), then:
+  1. genuine signed callbacks alone at --rate/s (baseline latency);
+  2. the same rate while a reconciliation pass (another process, as the scheduler is) checks every
+     seeded voucher at --concurrency and writes each answer back in chunks;
+and prints genuine p50/p99 in both phases and the pass's own rate. On SQLite the pass takes the
+web workers' writer turn for its transactions (db.write_turn); --no-turn runs it without, as
+before, so the two can be compared in one session.
+
+    .venv/bin/python scripts/bench_callbacks_during_reconcile.py [--no-turn] [--database-url postgresql://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import requests  # noqa: E402
+
+from bench.callbacks import signed_records  # noqa: E402  (scripts/bench)
+from bench.loadgen import run_fixed_rate  # noqa: E402
+from receiver.config import default_web_concurrency  # noqa: E402
+from receiver.db import normalise_url  # noqa: E402
+from tests.support import Gunicorn, free_port, fresh_settings_env, migrate, wait_http  # noqa: E402
+
+VECTORS = json.loads((ROOT / "tests" / "fixtures" / "rm-signature.json").read_text())
+
+
+def _rm_settings(url: str, base: str, keys: Path, concurrency: int) -> dict[str, str]:
+    return {
+        "DATABASE_URL": url, "RM_INSECURE_SKIP_SIGNATURE": "1", "RM_API_BASE_URL": base, "RM_OAUTH_BASE_URL": base,
+        "RM_CLIENT_ID": "fake-client", "RM_CLIENT_SECRET": "fake-secret",
+        "RM_PRIVATE_KEY_FILE": str(keys / "merchant-private.pem"), "RECONCILE_CONCURRENCY": str(concurrency),
+        "RM_MAX_REQUESTS_PER_SECOND": "100000",
+    }
+
+
+def _reconcile(job: tuple[dict[str, str], bool]) -> dict:
+    """One pass over every non-final voucher, in a process of its own as the scheduler's is."""
+    env, with_turn = job
+    from receiver.client import RMClient
+    from receiver.config import load_settings
+    from receiver.db import make_engine, make_session_factory, writer_turn
+    from receiver.reconciliation import reconcile_due
+
+    settings = load_settings(env)
+    engine = make_engine(settings.database_url)
+    try:
+        turn = writer_turn(engine, settings.sqlite_busy_timeout_seconds) if with_turn else None
+        summary = reconcile_due(make_session_factory(engine), RMClient.from_settings(settings), stale_after_seconds=0,
+                                concurrency=settings.reconcile_concurrency, trigger="benchmark", turn=turn)
+    finally:
+        engine.dispose()
+    return {"checked": summary.checked, "changed": summary.changed, "failed": summary.failed,
+            "seconds": summary.seconds, "error": summary.error}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database-url", help="PostgreSQL server URL (a throwaway database is created); default SQLite")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=100.0, help="genuine callbacks/s")
+    parser.add_argument("--vouchers", type=int, default=6000)
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="the fake RM's answer time")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--no-turn", action="store_true", help="the pass does not take the writer turn (the old way)")
+    args = parser.parse_args()
+
+    from receiver.backfill import backfill
+    from receiver.client import RMClient
+    from receiver.config import load_settings
+    from receiver.db import make_engine, make_session_factory
+
+    work = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
+    admin = None
+    if args.database_url:
+        from tests.conftest import create_postgres_database
+
+        admin = normalise_url(args.database_url)
+        url = create_postgres_database(admin)
+    else:
+        url = f"sqlite:///{work / 'receiver.db'}"
+    migrate(url)
+    port = free_port()
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "receiver.fake_rm", "--port", str(port), "--keys-dir", str(work / "keys"),
+         "--vouchers", str(args.vouchers)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    server = None
+    try:
+        wait_http(base + "/_fake/requests", proc=fake, timeout=60)
+        rm_env = _rm_settings(url, base, work / "keys", args.concurrency)
+        engine = make_engine(url)
+        client = RMClient.from_settings(load_settings(rm_env))
+        seeded = backfill(make_session_factory(engine), client)
+        client.close()
+        engine.dispose()
+        requests.post(base + "/_fake/faults", json={"latency": args.latency_ms / 1000}, timeout=5)
+        count = int(args.rate * (args.seconds + 1))
+        genuine = signed_records(count * 2, "lifecycle")
+        workers = default_web_concurrency(os.cpu_count() or 1)
+        server = Gunicorn(fresh_settings_env(url, VECTORS, work, LOG_LEVEL="WARNING"), workers=workers).start()
+        pid = server.proc.pid if server.proc else None
+        alone = run_fixed_rate("127.0.0.1", server.port, genuine[:count], rate=args.rate, lead_in=1.0,
+                               server_pid=pid, label="genuine alone")
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            started = time.monotonic()
+            pass_ = pool.map_async(_reconcile, [(rm_env, not args.no_turn)])
+            # Let the pass reach its steady state (fetching, and writing a chunk every few hundred ms).
+            time.sleep(2.0)
+            during = run_fixed_rate("127.0.0.1", server.port, genuine[count:], rate=args.rate, lead_in=1.0,
+                                    server_pid=pid, label="genuine during pass")
+            overlapped = time.monotonic() - started
+            result = pass_.get()[0]
+    finally:
+        if server is not None:
+            server.stop()
+        fake.terminate()
+        fake.wait(timeout=10)
+        if admin:
+            from tests.conftest import drop_postgres_database
+
+            drop_postgres_database(admin, url)
+
+    print(f"\ndatabase: {url.split(':')[0]}, gunicorn workers: {workers}, seeded {seeded.vouchers} vouchers; "
+          f"pass {'WITHOUT' if args.no_turn else 'with'} the writer turn")
+    for phase in (alone, during):
+        lat = phase.latency_ms
+        print(f"{phase.label:<20} {phase.statuses}  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  "
+              f"(offered {args.rate:.0f}/s)")
+    slowest = ", ".join(f"{ms:.0f} ms at {at:.1f} s" for ms, at in during.extra["slowest"])
+    print(f"slowest during pass  {slowest} (seconds after the first callback of the phase)")
+    if result["seconds"] < overlapped:
+        print(f"warning: the pass ended after {result['seconds']:.1f} s, before the measured phase did "
+              f"({overlapped:.1f} s): raise --vouchers")
+    print(f"reconciliation pass  checked {result['checked']} (changed {result['changed']}, failed {result['failed']}) "
+          f"in {result['seconds']:.1f} s = {result['checked'] / result['seconds']:.0f} vouchers/s"
+          + (f"; error: {result['error']}" if result["error"] else ""))
+    return 0 if result["failed"] == 0 and not result["error"] else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
