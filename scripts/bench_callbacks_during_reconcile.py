@@ -137,8 +137,10 @@ def main() -> int:
 
             drop_postgres_database(admin, url)
 
-    print(f"\ndatabase: {url.split(':')[0]}, gunicorn workers: {workers}, seeded {seeded.vouchers} vouchers; "
-          f"pass {'WITHOUT' if args.no_turn else 'with'} the writer turn")
+    kind = "sqlite" if url.startswith("sqlite") else "postgresql"
+    turn = ("no writer turn on PostgreSQL" if kind == "postgresql"
+            else f"pass {'WITHOUT' if args.no_turn else 'with'} the writer turn")
+    print(f"\ndatabase: {kind}, gunicorn workers: {workers}, seeded {seeded.vouchers} vouchers; {turn}")
     for phase in (alone, during):
         lat = phase.latency_ms
         print(f"{phase.label:<20} {phase.statuses}  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  "
