@@ -71,7 +71,7 @@ def backfill_command(restart: bool) -> None:
             bar.length = (bar.length or 0) + count
             bar.update(count)
 
-        summary = backfill(runtime.sessions, client, restart=restart, on_page=on_page)
+        summary = backfill(runtime.sessions, client, restart=restart, on_page=on_page, turn=runtime.turn)
     click.echo(summary.line())
 
 

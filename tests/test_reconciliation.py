@@ -289,3 +289,38 @@ def test_an_unusable_answer_fails_only_its_voucher(db, fake_rm, rm_client) -> No
             "GOOD-1": "REDEEMED", "BROKEN": "ISSUE", "GOOD-2": "REDEEMED",
         }
         assert s.get(ReconcileRun, result.run_id).failed == 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_backfill_command_on_sqlite_writes_only_in_its_writer_turn(settings_env, fake_rm, vectors, migrated_url) -> None:  # noqa: ANN001
+    """`flask backfill` waits for the web workers' writer turn before each page's transaction."""
+    import threading
+
+    from sqlalchemy import make_url
+
+    from receiver import create_app
+    from receiver.config import load_settings
+    from receiver.db import WriterTurn
+    from tests.conftest import rm_client_env
+
+    fake_rm.create_vouchers(30, batches=2)
+    app = create_app(load_settings({**settings_env, **rm_client_env(fake_rm, vectors)}))
+    db = app.extensions["rm_voucher_sync"].sessions
+    outputs: list = []
+    try:
+        holder = WriterTurn(f"{make_url(migrated_url).database}-writer.lock", timeout=5)
+        with holder.hold():
+            worker = threading.Thread(target=lambda: outputs.append(app.test_cli_runner().invoke(args=["backfill"])))
+            worker.start()
+            worker.join(0.5)
+            waited = worker.is_alive()
+            with db() as s:
+                vouchers_while_held = s.scalar(select(func.count()).select_from(Voucher))
+        worker.join(10)
+        with db() as s:
+            vouchers_after = s.scalar(select(func.count()).select_from(Voucher))
+    finally:
+        app.extensions["rm_voucher_sync"].engine.dispose()
+    assert waited and vouchers_while_held == 0, "backfill wrote while a web worker had the turn"
+    assert outputs and outputs[0].exit_code == 0, outputs and outputs[0].output
+    assert vouchers_after == 30
