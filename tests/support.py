@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import requests
 from alembic import command
@@ -361,3 +361,24 @@ class TcpProxy:
         self._stop = True
         self.cut()
         self.listener.close()
+
+
+def while_another_writer_has_the_turn(database_path: str, work: Callable[[], Any], rows: Callable[[], int]) -> tuple[bool, int, list]:
+    """Run ``work`` on a thread while another descriptor of the SQLite writer-turn lock file holds the turn.
+
+    Returns whether ``work`` was still waiting after 0.5 s, what ``rows()`` counted at that moment,
+    and ``[work's result]`` once the turn was given up and the thread finished (within 10 s).
+    """
+    from receiver.db import WriterTurn
+
+    results: list = []
+    # What a web worker holds while it writes a callback, as another process would hold it.
+    holder = WriterTurn(f"{database_path}-writer.lock", timeout=5)
+    with holder.hold():
+        worker = threading.Thread(target=lambda: results.append(work()))
+        worker.start()
+        worker.join(0.5)
+        waited = worker.is_alive()
+        counted = rows()
+    worker.join(10)
+    return waited, counted, results

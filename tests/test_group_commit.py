@@ -469,33 +469,24 @@ def test_a_rejected_callback_is_stored_only_in_its_writer_turn(tmp_path, vectors
 
     from receiver import create_app
     from receiver.config import load_settings
-    from tests.support import callback_body, fresh_settings_env, migrate, voucher_item
+    from tests.support import callback_body, fresh_settings_env, migrate, voucher_item, while_another_writer_has_the_turn
 
     path = tmp_path / "receiver.db"
     url = f"sqlite:///{path}"
     migrate(url)
     app = create_app(load_settings(fresh_settings_env(url, vectors, tmp_path)))
     forged = callback_body(voucher_item("FORGED", "VOID"))
-    answers: list[int] = []
 
-    def post() -> None:
-        answers.append(app.test_client().post("/webhooks/revenuemonster/voucher", data=forged,
-                                              headers={"Content-Type": "application/json"}).status_code)
+    def post() -> int:
+        return app.test_client().post("/webhooks/revenuemonster/voucher", data=forged,
+                                      headers={"Content-Type": "application/json"}).status_code
 
     def stored() -> int:
         with sqlite3.connect(path) as conn:
             return conn.execute("SELECT count(*) FROM webhook_deliveries WHERE outcome = 'rejected_signature'").fetchone()[0]
 
     try:
-        # Another process's writer (here: another descriptor of the same lock file) has the turn.
-        holder = WriterTurn(f"{path}-writer.lock", timeout=5)
-        with holder.hold():
-            poster = threading.Thread(target=post)
-            poster.start()
-            poster.join(0.5)
-            waited = poster.is_alive()
-            rows_while_held = stored()
-        poster.join(10)
+        waited, rows_while_held, answers = while_another_writer_has_the_turn(str(path), post, stored)
     finally:
         app.extensions["rm_voucher_sync"].engine.dispose()
     assert waited and rows_while_held == 0, "the rejected delivery was written while another writer had the turn"

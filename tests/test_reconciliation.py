@@ -13,7 +13,7 @@ from receiver.models import BackfillBatch, ReconcileRun, Source, Voucher, Vouche
 from receiver.reconciliation import reconcile_codes, reconcile_due
 from receiver.snapshot import parse_rm_time, snapshot_from_item
 from receiver.state_machine import FINAL_STATUSES
-from tests.support import CALLBACK_PATH, gunicorn_server
+from tests.support import CALLBACK_PATH, gunicorn_server, while_another_writer_has_the_turn
 
 
 def _state(db) -> dict[str, tuple[str, int, bool]]:  # noqa: ANN001
@@ -245,11 +245,8 @@ def test_pass_keeps_exactly_concurrency_requests_at_rm(db, fake_rm, rm_client) -
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_scheduled_pass_on_sqlite_writes_only_in_its_writer_turn(app, db, fake_rm, rm_client, migrated_url) -> None:  # noqa: ANN001
     """Reconciliation waits for the web workers' writer turn instead of taking SQLite's lock from under it."""
-    import threading
-
     from sqlalchemy import make_url
 
-    from receiver.db import WriterTurn
     from receiver.scheduler import run_reconcile_under_lease
 
     _seed(db, fake_rm, "BEHIND", "ISSUE")
@@ -257,17 +254,14 @@ def test_a_scheduled_pass_on_sqlite_writes_only_in_its_writer_turn(app, db, fake
     with db.begin() as s:  # a callback was missed: the pass must look at it
         s.scalars(select(Voucher).where(Voucher.code == "BEHIND")).one().needs_reconcile = True
     runtime = app.extensions["rm_voucher_sync"]
-    results: list = []
-    # What a web worker holds while it writes a callback: the turn, on another descriptor of the lock file.
-    holder = WriterTurn(f"{make_url(migrated_url).database}-writer.lock", timeout=5)
-    with holder.hold():
-        worker = threading.Thread(target=lambda: results.append(run_reconcile_under_lease(runtime, rm_client, trigger="test")))
-        worker.start()
-        worker.join(0.5)
-        waited = worker.is_alive()
+
+    def runs() -> int:
         with db() as s:
-            runs_while_held = s.scalar(select(func.count()).select_from(ReconcileRun))
-    worker.join(10)
+            return s.scalar(select(func.count()).select_from(ReconcileRun))
+
+    waited, runs_while_held, results = while_another_writer_has_the_turn(
+        make_url(migrated_url).database, lambda: run_reconcile_under_lease(runtime, rm_client, trigger="test"), runs
+    )
     assert waited and runs_while_held == 0, "the pass wrote while a web worker had the turn"
     assert results and results[0].changed == 1
     with db() as s:
@@ -294,31 +288,25 @@ def test_an_unusable_answer_fails_only_its_voucher(db, fake_rm, rm_client) -> No
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_backfill_command_on_sqlite_writes_only_in_its_writer_turn(settings_env, fake_rm, vectors, migrated_url) -> None:  # noqa: ANN001
     """`flask backfill` waits for the web workers' writer turn before each page's transaction."""
-    import threading
-
     from sqlalchemy import make_url
 
     from receiver import create_app
     from receiver.config import load_settings
-    from receiver.db import WriterTurn
     from tests.conftest import rm_client_env
 
     fake_rm.create_vouchers(30, batches=2)
     app = create_app(load_settings({**settings_env, **rm_client_env(fake_rm, vectors)}))
     db = app.extensions["rm_voucher_sync"].sessions
-    outputs: list = []
-    try:
-        holder = WriterTurn(f"{make_url(migrated_url).database}-writer.lock", timeout=5)
-        with holder.hold():
-            worker = threading.Thread(target=lambda: outputs.append(app.test_cli_runner().invoke(args=["backfill"])))
-            worker.start()
-            worker.join(0.5)
-            waited = worker.is_alive()
-            with db() as s:
-                vouchers_while_held = s.scalar(select(func.count()).select_from(Voucher))
-        worker.join(10)
+
+    def vouchers() -> int:
         with db() as s:
-            vouchers_after = s.scalar(select(func.count()).select_from(Voucher))
+            return s.scalar(select(func.count()).select_from(Voucher))
+
+    try:
+        waited, vouchers_while_held, outputs = while_another_writer_has_the_turn(
+            make_url(migrated_url).database, lambda: app.test_cli_runner().invoke(args=["backfill"]), vouchers
+        )
+        vouchers_after = vouchers()
     finally:
         app.extensions["rm_voucher_sync"].engine.dispose()
     assert waited and vouchers_while_held == 0, "backfill wrote while a web worker had the turn"
