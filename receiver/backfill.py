@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .apply import apply_snapshot
 from .client import RMClient
-from .db import WriterTurn, write_turn
 from .models import BackfillBatch, Source, utcnow
 from .snapshot import SnapshotError, snapshot_from_item
 from .state_machine import Outcome
@@ -43,18 +42,15 @@ def backfill(
     *,
     restart: bool = False,
     on_page: Callable[[str, int], None] | None = None,
-    turn: WriterTurn | None = None,
 ) -> BackfillSummary:
     """Apply every voucher of every batch (source 'backfill'); each page commits with its resume cursor.
 
     Re-running skips completed batches and resumes a half-done one from its cursor; ``restart``
     forgets the progress and walks everything again (which adds no events for unchanged vouchers).
-    On SQLite pass the web workers' writer ``turn``: each page's transaction then waits its turn
-    instead of holding the write lock while callbacks sleep in SQLite's busy handler.
     """
     summary = BackfillSummary()
     if restart:
-        with write_turn(turn), factory.begin() as session:
+        with factory.begin() as session:
             session.execute(delete(BackfillBatch))
     for batch in client.voucher_batches():
         key = batch.get("key")
@@ -68,7 +64,7 @@ def backfill(
         summary.batches += 1
         cursor = progress.cursor if progress is not None else None
         for items, next_cursor in client.batch_voucher_pages(key, cursor):
-            # Parsed before the transaction, which on SQLite holds the writer turn.
+            # Parsed before the transaction, which on SQLite holds the writer turn (db.TurnTakingSessions).
             snapshots = []
             for item in items:
                 summary.vouchers += 1
@@ -77,7 +73,7 @@ def backfill(
                 except SnapshotError as exc:
                     summary.unusable += 1
                     log.warning("backfill: unusable voucher in batch %s: %s", key, exc)
-            with write_turn(turn), factory.begin() as session:
+            with factory.begin() as session:
                 for snapshot in snapshots:
                     result = apply_snapshot(session, snapshot, source=Source.BACKFILL)
                     if result.changed and result.outcome is not Outcome.DUPLICATE:

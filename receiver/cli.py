@@ -33,7 +33,7 @@ def reconcile_command(codes: tuple[str, ...]) -> None:
     if codes:
         summary = reconcile_codes(
             runtime.sessions, client, list(dict.fromkeys(codes)),
-            concurrency=runtime.settings.reconcile_concurrency, trigger="cli", turn=runtime.turn,
+            concurrency=runtime.settings.reconcile_concurrency, trigger="cli",
         )
     else:
         def progress(running) -> None:  # noqa: ANN001
@@ -71,7 +71,7 @@ def backfill_command(restart: bool) -> None:
             bar.length = (bar.length or 0) + count
             bar.update(count)
 
-        summary = backfill(runtime.sessions, client, restart=restart, on_page=on_page, turn=runtime.turn)
+        summary = backfill(runtime.sessions, client, restart=restart, on_page=on_page)
     click.echo(summary.line())
 
 

@@ -46,6 +46,9 @@ _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 _checkpointers: "weakref.WeakKeyDictionary[Engine, Checkpointer]" = weakref.WeakKeyDictionary()
 
+# One writer turn per SQLite file engine, shared by every writer of the process (group commit, sessions).
+_turns: "weakref.WeakKeyDictionary[Engine, WriterTurn]" = weakref.WeakKeyDictionary()
+
 log = logging.getLogger(__name__)
 
 
@@ -210,6 +213,8 @@ def _sqlite_engine(
 
     if checkpointer is not None:
         _checkpointers[engine] = checkpointer
+    if path is not None:
+        _turns[engine] = WriterTurn(f"{path}-writer.lock", busy_timeout)
     return engine
 
 
@@ -431,11 +436,17 @@ class WriterTurn:
         self.path = path
         self.timeout = timeout
         self._threads = threading.Lock()
+        self._holder: int | None = None
         self._waiter: _FlockWaiter | None = None
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
-        """Hold the turn (this thread among the process's, this process among the others)."""
+        """Hold the turn (this thread among the process's, this process among the others); a holder may nest."""
+        me = threading.get_ident()
+        if self._holder == me:
+            # E.g. a session's transaction inside a block that already writes in the turn.
+            yield
+            return
         deadline = time.monotonic() + self.timeout
         if not self._threads.acquire(timeout=self.timeout):
             raise WriterTurnTimeout(f"no write turn within {self.timeout:g}s")
@@ -443,9 +454,11 @@ class WriterTurn:
             waiter = self._process_waiter()
             if not waiter.lock(deadline):
                 raise WriterTurnTimeout(f"no write turn within {self.timeout:g}s")
+            self._holder = me
             try:
                 yield
             finally:
+                self._holder = None
                 fcntl.flock(waiter.fd, fcntl.LOCK_UN)
         finally:
             self._threads.release()
@@ -602,7 +615,7 @@ def _settle() -> None:
 def write_turn(turn: WriterTurn | None) -> Iterator[None]:
     """Hold the SQLite writer turn (None: no turn to take) for a transaction; flush its commit after giving the turn up.
 
-    For writes besides the callbacks' group commit (rejected deliveries, say): in SQLite's busy
+    For writes besides the callbacks' group commit (TurnTakingSessions.begin): in SQLite's busy
     handler instead, they would hold the write lock while a callback that has the turn sleeps out
     the handler's steps, up to 100 ms each.
     """
@@ -612,10 +625,9 @@ def write_turn(turn: WriterTurn | None) -> Iterator[None]:
         flush()
 
 
-def writer_turn(engine: Engine, timeout: float) -> WriterTurn | None:
-    """A WriterTurn for an SQLite file database; None for PostgreSQL and in-memory SQLite."""
-    path = _sqlite_file(engine.url.database) if engine.dialect.name == "sqlite" else None
-    return WriterTurn(f"{path}-writer.lock", timeout) if path is not None else None
+def writer_turn(engine: Engine) -> WriterTurn | None:
+    """The engine's WriterTurn (an SQLite file database, made by make_engine); None for PostgreSQL and in-memory SQLite."""
+    return _turns.get(engine)
 
 
 def insert_unless_conflict(table: Table, column_names: list[str]) -> TextClause:
@@ -774,9 +786,35 @@ def checkpointer_of(engine: Engine) -> Checkpointer | None:
     return _checkpointers.get(engine)
 
 
+class TurnTakingSessions(sessionmaker[Session]):
+    """A sessionmaker whose ``begin()`` transactions take the engine's SQLite writer turn (write_turn).
+
+    Every write of the service goes through ``begin()`` (or group commit, which holds the turn
+    itself), so rejected deliveries, reconciliation, backfill, leases, merchant actions, Stamps
+    operations and the retention purge all queue with the callbacks instead of taking SQLite's
+    write lock from under a callback that has the turn.
+    """
+
+    turn: WriterTurn | None = None
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Session]:  # type: ignore[override]
+        """A session in a transaction, committed at the end of the block, written in the writer turn."""
+        with write_turn(self.turn), super().begin() as session:
+            yield session
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions that keep loaded values after commit (views read them to build responses)."""
-    return sessionmaker(engine, expire_on_commit=False)
+    """Sessions that keep loaded values after commit (views read them to build responses).
+
+    On an SQLite file their ``begin()`` takes the writer turn (TurnTakingSessions).
+    """
+    turn = writer_turn(engine)
+    if turn is None:
+        return sessionmaker(engine, expire_on_commit=False)
+    factory = TurnTakingSessions(engine, expire_on_commit=False)
+    factory.turn = turn
+    return factory
 
 
 def _dispose_in_child() -> None:

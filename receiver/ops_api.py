@@ -88,7 +88,7 @@ def reconcile_voucher(code: str) -> Response | tuple[Response, int]:
         client = runtime.rm_client()
     except RMNotConfigured as exc:
         return _error(503, "rm_not_configured", exc.message)
-    summary = reconcile_codes(runtime.sessions, client, [code], concurrency=1, trigger="api", turn=runtime.turn)
+    summary = reconcile_codes(runtime.sessions, client, [code], concurrency=1, trigger="api")
     with runtime.sessions() as session:
         found = voucher_with_history(session, code)
     body = {

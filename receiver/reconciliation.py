@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .apply import apply_snapshot, record_not_found
 from .client import RMClient, RMError, RMNotFound
-from .db import WriterTurn, is_unavailable, write_turn
+from .db import is_unavailable
 from .models import ReconcileRun, Source, Voucher, utcnow
 from .snapshot import SnapshotError, VoucherSnapshot, snapshot_from_item
 from .state_machine import FINAL_STATUSES, Outcome
@@ -114,12 +114,8 @@ class Reconciler:
         concurrency: int = 8,
         should_stop: Callable[[], str | None] | None = None,
         on_progress: Callable[[ReconcileSummary], None] | None = None,
-        turn: WriterTurn | None = None,
     ) -> None:
         self.factory = factory
-        # SQLite: each transaction waits its turn with the web workers' (db.write_turn) rather than
-        # in SQLite's busy handler, where a callback would sleep out steps of up to 100 ms.
-        self.turn = turn
         self.client = client
         self.concurrency = concurrency
         # Returns why the pass must stop early (lease lost, shutting down), or None to go on.
@@ -127,14 +123,14 @@ class Reconciler:
         self.on_progress = on_progress
 
     def _start_run(self, trigger: str) -> ReconcileSummary:
-        with write_turn(self.turn), self.factory.begin() as session:
+        with self.factory.begin() as session:
             run = ReconcileRun(started_at=utcnow(), trigger=trigger, checked=0, changed=0, failed=0)
             session.add(run)
             session.flush()
             return ReconcileSummary(run_id=run.id)
 
     def _finish_run(self, summary: ReconcileSummary) -> None:
-        with write_turn(self.turn), self.factory.begin() as session:
+        with self.factory.begin() as session:
             run = session.get(ReconcileRun, summary.run_id)
             run.finished_at = utcnow()
             run.checked, run.changed, run.failed = summary.checked, summary.changed, summary.failed
@@ -210,8 +206,8 @@ class Reconciler:
 
     def _apply_chunk(self, chunk: list[_Fetched], *, isolate: bool) -> Counter[str]:
         counts: Counter[str] = Counter()
-        # Answers are parsed before the transaction: on SQLite it holds the writer turn, and every
-        # callback waits while it does.
+        # Answers are parsed before the transaction: on SQLite it holds the writer turn
+        # (db.TurnTakingSessions), and every callback waits while it does.
         usable: list[tuple[str, VoucherSnapshot | None]] = []
         for fetched in chunk:
             counts["checked"] += 1
@@ -226,7 +222,7 @@ class Reconciler:
                 log.warning("RM's answer for %s is unusable: %s", fetched.code, exc)
         if not usable:
             return counts
-        with write_turn(self.turn), self.factory.begin() as session:
+        with self.factory.begin() as session:
             for code, snapshot in usable:
                 if not isolate:
                     self._apply_one(session, code, snapshot, counts)
@@ -265,23 +261,14 @@ def reconcile_due(
     trigger: str,
     should_stop: Callable[[], str | None] | None = None,
     on_progress: Callable[[ReconcileSummary], None] | None = None,
-    turn: WriterTurn | None = None,
 ) -> ReconcileSummary:
     """One scheduled-style pass over every due voucher."""
-    reconciler = Reconciler(
-        factory, client, concurrency=concurrency, should_stop=should_stop, on_progress=on_progress, turn=turn
-    )
+    reconciler = Reconciler(factory, client, concurrency=concurrency, should_stop=should_stop, on_progress=on_progress)
     return reconciler.run(iter_due_codes(factory, utcnow(), stale_after_seconds), trigger=trigger)
 
 
 def reconcile_codes(
-    factory: sessionmaker[Session],
-    client: RMClient,
-    codes: list[str],
-    *,
-    concurrency: int,
-    trigger: str,
-    turn: WriterTurn | None = None,
+    factory: sessionmaker[Session], client: RMClient, codes: list[str], *, concurrency: int, trigger: str
 ) -> ReconcileSummary:
     """Check exactly these codes, final or not, known to us or not."""
-    return Reconciler(factory, client, concurrency=concurrency, turn=turn).run(codes, trigger=trigger)
+    return Reconciler(factory, client, concurrency=concurrency).run(codes, trigger=trigger)

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
-from .db import WriterTurn, make_engine, make_session_factory, writer_turn
+from .db import make_engine, make_session_factory, writer_turn
 from .deliveries import RejectionLimiter
 from .group_commit import GroupCommit
 from .signature import load_public_key
@@ -29,8 +29,6 @@ class Runtime:
     server_public_key: rsa.RSAPublicKey | None
     rejection_limiter: RejectionLimiter
     callbacks: GroupCommit
-    # SQLite file databases: the turn every writer of this process takes (see db.WriterTurn).
-    turn: WriterTurn | None = None
     _client: object = field(default=None, repr=False)
     _client_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -54,15 +52,13 @@ class Runtime:
         )
         key = load_public_key(settings.rm_server_public_key_pem) if settings.rm_server_public_key_pem else None
         sessions = make_session_factory(engine)
-        turn = writer_turn(engine, settings.sqlite_busy_timeout_seconds)
         return cls(
             settings=settings,
             engine=engine,
             sessions=sessions,
             server_public_key=key,
             rejection_limiter=RejectionLimiter(settings.rejected_deliveries_per_minute),
-            callbacks=GroupCommit(engine, turn=turn),
-            turn=turn,
+            callbacks=GroupCommit(engine, turn=writer_turn(engine)),
         )
 
 

@@ -53,7 +53,6 @@ def run_reconcile_under_lease(
                 "the lease was lost" if lease.lost.is_set() else "shutting down" if stopping.is_set() else None
             ),
             on_progress=on_progress,
-            turn=runtime.turn,
         )
 
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import deliveries
-from .db import is_unavailable, write_turn
+from .db import is_unavailable
 from .deliveries import MAX_BODY_BYTES, TRUNCATED_BODY_BYTES, IncomingCallback, NonceReused
 from .metrics import CALLBACKS, REJECTIONS_NOT_STORED, labelled
 from .models import DeliveryOutcome
@@ -84,7 +84,7 @@ def _reject(
         REJECTIONS_NOT_STORED.inc()
         return jsonify(payload), http_status
     try:
-        with write_turn(runtime.turn), runtime.sessions.begin() as session:
+        with runtime.sessions.begin() as session:
             delivery_id = deliveries.record_rejection(
                 session, incoming, outcome=outcome, http_status=http_status, error=error, voucher_code=voucher_code
             )
@@ -187,8 +187,7 @@ def _failure(incoming: IncomingCallback, snapshot: VoucherSnapshot, exc: Excepti
         return jsonify({"error": "unavailable"}), 503
     log.exception("applying callback failed", extra={"voucher_code": snapshot.code})
     try:
-        with write_turn(runtime.turn):
-            deliveries.record_failure(runtime.sessions, incoming, snapshot, f"{type(exc).__name__}: {exc}")
+        deliveries.record_failure(runtime.sessions, incoming, snapshot, f"{type(exc).__name__}: {exc}")
     except Exception as second:  # noqa: BLE001
         log.warning("could not record the failed callback: %s", type(second).__name__)
         labelled(CALLBACKS, "unavailable").inc()

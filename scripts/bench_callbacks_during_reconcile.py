@@ -7,7 +7,7 @@ Runs the real gunicorn server (production settings) on SQLite (default) or Postg
   2. the same rate while a reconciliation pass (another process, as the scheduler is) checks every
      seeded voucher at --concurrency and writes each answer back in chunks;
 and prints genuine p50/p99 in both phases and the pass's own rate. On SQLite the pass takes the
-web workers' writer turn for its transactions (db.write_turn); --no-turn runs it without, as
+web workers' writer turn for its transactions (db.TurnTakingSessions); --no-turn runs it without, as
 before, so the two can be compared in one session.
 
     .venv/bin/python scripts/bench_callbacks_during_reconcile.py [--no-turn] [--database-url postgresql://...]
@@ -53,15 +53,18 @@ def _reconcile(job: tuple[dict[str, str], bool]) -> dict:
     env, with_turn = job
     from receiver.client import RMClient
     from receiver.config import load_settings
-    from receiver.db import make_engine, make_session_factory, writer_turn
+    from sqlalchemy.orm import sessionmaker
+
+    from receiver.db import make_engine, make_session_factory
     from receiver.reconciliation import reconcile_due
 
     settings = load_settings(env)
     engine = make_engine(settings.database_url)
     try:
-        turn = writer_turn(engine, settings.sqlite_busy_timeout_seconds) if with_turn else None
-        summary = reconcile_due(make_session_factory(engine), RMClient.from_settings(settings), stale_after_seconds=0,
-                                concurrency=settings.reconcile_concurrency, trigger="benchmark", turn=turn)
+        # The service's sessions take the writer turn on SQLite; plain ones are the old way.
+        factory = make_session_factory(engine) if with_turn else sessionmaker(engine, expire_on_commit=False)
+        summary = reconcile_due(factory, RMClient.from_settings(settings), stale_after_seconds=0,
+                                concurrency=settings.reconcile_concurrency, trigger="benchmark")
     finally:
         engine.dispose()
     return {"checked": summary.checked, "changed": summary.changed, "failed": summary.failed,

@@ -491,3 +491,53 @@ def test_a_rejected_callback_is_stored_only_in_its_writer_turn(tmp_path, vectors
         app.extensions["rm_voucher_sync"].engine.dispose()
     assert waited and rows_while_held == 0, "the rejected delivery was written while another writer had the turn"
     assert answers == [401] and stored() == 1
+
+
+def test_a_thread_that_has_the_writer_turn_may_take_it_again(tmp_path) -> None:  # noqa: ANN001
+    """A session transaction inside a block that already writes in the turn nests instead of waiting for itself."""
+    turn = WriterTurn(str(tmp_path / "db-writer.lock"), timeout=0.5)
+    with turn.hold():
+        with turn.hold():
+            pass
+        other: list[BaseException] = []
+
+        def take() -> None:
+            try:
+                with turn.hold():
+                    pass
+            except WriterTurnTimeout as exc:
+                other.append(exc)
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        thread.join()
+    assert len(other) == 1, "another thread must still wait for the turn"
+    with turn.hold():  # and it is free once the outer block ended
+        pass
+
+
+def test_a_scheduler_lease_on_sqlite_is_written_only_in_its_writer_turn(tmp_path) -> None:  # noqa: ANN001
+    """Every session transaction of the service takes the turn: here the scheduler lease's."""
+    from receiver.db import make_session_factory
+    from receiver.lease import try_acquire
+    from receiver.models import SchedulerLease
+    from tests.support import migrate, while_another_writer_has_the_turn
+
+    path = tmp_path / "receiver.db"
+    migrate(f"sqlite:///{path}")
+    engine = make_engine(f"sqlite:///{path}")
+    sessions = make_session_factory(engine)
+
+    def leases() -> int:
+        with sessions() as s:
+            return s.scalar(select(func.count()).select_from(SchedulerLease))
+
+    try:
+        waited, while_held, taken = while_another_writer_has_the_turn(
+            str(path), lambda: try_acquire(sessions, "reconcile", "me", ttl=30), leases
+        )
+        after = leases()
+    finally:
+        engine.dispose()
+    assert waited and while_held == 0, "the lease was written while another writer had the turn"
+    assert taken == [True] and after == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, event, text
 
-from receiver.db import Checkpointer, checkpointer_of, make_engine, writer_turn
+from receiver.db import Checkpointer, WriterTurn, checkpointer_of, make_engine
 
 PAGE = 4096
 
@@ -92,8 +92,7 @@ def test_wal_stays_bounded_under_back_to_back_writers(tmp_path: Path) -> None:
 
     def write(n: int) -> None:
         # A WriterTurn of its own, like a web worker process: the writers meet only at the flock.
-        turn = writer_turn(engine, 10.0)
-        assert turn is not None
+        turn = WriterTurn(f"{path}-writer.lock", 10.0)
         for _ in range(n):
             with turn.hold(), engine.begin() as conn:
                 conn.execute(text("INSERT INTO blobs VALUES (:b)"), [{"b": os.urandom(PAGE)} for _ in range(16)])

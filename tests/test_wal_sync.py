@@ -113,7 +113,7 @@ def test_callbacks_flush_after_giving_up_the_writer_turn_and_before_answering(
     sqlite_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine(f"sqlite:///{sqlite_file}")
-    turn = writer_turn(engine, 5.0)
+    turn = writer_turn(engine)
     assert turn is not None
     committer = GroupCommit(engine, turn=turn)
     fsyncs = FsyncLog(monkeypatch)
