@@ -51,10 +51,10 @@ def _rm_settings(url: str, base: str, keys: Path, concurrency: int) -> dict[str,
 def _reconcile(job: tuple[dict[str, str], bool]) -> dict:
     """One pass over every non-final voucher, in a process of its own as the scheduler's is."""
     env, with_turn = job
-    from receiver.client import RMClient
-    from receiver.config import load_settings
     from sqlalchemy.orm import sessionmaker
 
+    from receiver.client import RMClient
+    from receiver.config import load_settings
     from receiver.db import make_engine, make_session_factory
     from receiver.reconciliation import reconcile_due
 
