@@ -611,20 +611,6 @@ def _settle() -> None:
     """A Python-level call: pending signal handlers run at its start."""
 
 
-@contextlib.contextmanager
-def write_turn(turn: WriterTurn | None) -> Iterator[None]:
-    """Hold the SQLite writer turn (None: no turn to take) for a transaction; flush its commit after giving the turn up.
-
-    For writes besides the callbacks' group commit (TurnTakingSessions.begin): in SQLite's busy
-    handler instead, they would hold the write lock while a callback that has the turn sleeps out
-    the handler's steps, up to 100 ms each.
-    """
-    with deferred_wal_syncs() as flush:
-        with turn.hold() if turn is not None else contextlib.nullcontext():
-            yield
-        flush()
-
-
 def writer_turn(engine: Engine) -> WriterTurn | None:
     """The engine's WriterTurn (an SQLite file database, made by make_engine); None for PostgreSQL and in-memory SQLite."""
     return _turns.get(engine)
@@ -787,21 +773,27 @@ def checkpointer_of(engine: Engine) -> Checkpointer | None:
 
 
 class TurnTakingSessions(sessionmaker[Session]):
-    """A sessionmaker whose ``begin()`` transactions take the engine's SQLite writer turn (write_turn).
+    """A sessionmaker whose ``begin()`` transactions take the engine's SQLite writer turn.
 
     Every write of the service goes through ``begin()`` (or group commit, which holds the turn
     itself), so rejected deliveries, reconciliation, backfill, leases, merchant actions, Stamps
-    operations and the retention purge all queue with the callbacks instead of taking SQLite's
-    write lock from under a callback that has the turn.
+    operations and the retention purge all queue with the callbacks. In SQLite's busy handler
+    instead, they would hold the write lock while a callback that has the turn sleeps out the
+    handler's steps, up to 100 ms each.
     """
 
-    turn: WriterTurn | None = None
+    def __init__(self, bind: Engine, turn: WriterTurn, **options: Any) -> None:
+        super().__init__(bind, **options)
+        self.turn = turn
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Session]:  # type: ignore[override]
         """A session in a transaction, committed at the end of the block, written in the writer turn."""
-        with write_turn(self.turn), super().begin() as session:
-            yield session
+        # As in group commit, the commit's WAL flush waits until the turn is given up (WalSync).
+        with deferred_wal_syncs() as flush:
+            with self.turn.hold(), super().begin() as session:
+                yield session
+            flush()
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -812,9 +804,7 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     turn = writer_turn(engine)
     if turn is None:
         return sessionmaker(engine, expire_on_commit=False)
-    factory = TurnTakingSessions(engine, expire_on_commit=False)
-    factory.turn = turn
-    return factory
+    return TurnTakingSessions(engine, turn, expire_on_commit=False)
 
 
 def _dispose_in_child() -> None:
