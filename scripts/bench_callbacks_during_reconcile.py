@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,21 +30,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import requests  # noqa: E402
 
 from bench.callbacks import signed_records  # noqa: E402  (scripts/bench)
+from bench.fake_rm_process import fake_rm_process, rm_env  # noqa: E402
 from bench.loadgen import run_fixed_rate  # noqa: E402
 from receiver.config import default_web_concurrency  # noqa: E402
 from receiver.db import normalise_url  # noqa: E402
-from tests.support import Gunicorn, free_port, fresh_settings_env, migrate, wait_http  # noqa: E402
+from tests.support import Gunicorn, fresh_settings_env, migrate  # noqa: E402
 
 VECTORS = json.loads((ROOT / "tests" / "fixtures" / "rm-signature.json").read_text())
-
-
-def _rm_settings(url: str, base: str, keys: Path, concurrency: int) -> dict[str, str]:
-    return {
-        "DATABASE_URL": url, "RM_INSECURE_SKIP_SIGNATURE": "1", "RM_API_BASE_URL": base, "RM_OAUTH_BASE_URL": base,
-        "RM_CLIENT_ID": "fake-client", "RM_CLIENT_SECRET": "fake-secret",
-        "RM_PRIVATE_KEY_FILE": str(keys / "merchant-private.pem"), "RECONCILE_CONCURRENCY": str(concurrency),
-        "RM_MAX_REQUESTS_PER_SECOND": "100000",
-    }
 
 
 def _reconcile(job: tuple[dict[str, str], bool]) -> dict:
@@ -97,44 +88,35 @@ def main() -> int:
     else:
         url = f"sqlite:///{work / 'receiver.db'}"
     migrate(url)
-    port = free_port()
-    fake = subprocess.Popen(
-        [sys.executable, "-m", "receiver.fake_rm", "--port", str(port), "--keys-dir", str(work / "keys"),
-         "--vouchers", str(args.vouchers)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
     server = None
     try:
-        wait_http(base + "/_fake/requests", proc=fake, timeout=60)
-        rm_env = _rm_settings(url, base, work / "keys", args.concurrency)
-        engine = make_engine(url)
-        client = RMClient.from_settings(load_settings(rm_env))
-        seeded = backfill(make_session_factory(engine), client)
-        client.close()
-        engine.dispose()
-        requests.post(base + "/_fake/faults", json={"latency": args.latency_ms / 1000}, timeout=5)
-        count = int(args.rate * (args.seconds + 1))
-        genuine = signed_records(count * 2, "lifecycle")
-        workers = default_web_concurrency(os.cpu_count() or 1)
-        server = Gunicorn(fresh_settings_env(url, VECTORS, work, LOG_LEVEL="WARNING"), workers=workers).start()
-        pid = server.proc.pid if server.proc else None
-        alone = run_fixed_rate("127.0.0.1", server.port, genuine[:count], rate=args.rate, lead_in=1.0,
-                               server_pid=pid, label="genuine alone")
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            started = time.monotonic()
-            pass_ = pool.map_async(_reconcile, [(rm_env, not args.no_turn)])
-            # Let the pass reach its steady state (fetching, and writing a chunk every few hundred ms).
-            time.sleep(2.0)
-            during = run_fixed_rate("127.0.0.1", server.port, genuine[count:], rate=args.rate, lead_in=1.0,
-                                    server_pid=pid, label="genuine during pass")
-            overlapped = time.monotonic() - started
-            result = pass_.get()[0]
+        with fake_rm_process(work, args.vouchers) as fake:
+            env = rm_env(url, fake.base, work, args.concurrency)
+            engine = make_engine(url)
+            client = RMClient.from_settings(load_settings(env))
+            seeded = backfill(make_session_factory(engine), client)
+            client.close()
+            engine.dispose()
+            requests.post(fake.base + "/_fake/faults", json={"latency": args.latency_ms / 1000}, timeout=5)
+            count = int(args.rate * (args.seconds + 1))
+            genuine = signed_records(count * 2, "lifecycle")
+            workers = default_web_concurrency(os.cpu_count() or 1)
+            server = Gunicorn(fresh_settings_env(url, VECTORS, work, LOG_LEVEL="WARNING"), workers=workers).start()
+            pid = server.proc.pid if server.proc else None
+            alone = run_fixed_rate("127.0.0.1", server.port, genuine[:count], rate=args.rate, lead_in=1.0,
+                                   server_pid=pid, label="genuine alone")
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                started = time.monotonic()
+                pass_ = pool.map_async(_reconcile, [(env, not args.no_turn)])
+                # Let the pass reach its steady state (fetching, and writing a chunk every few hundred ms).
+                time.sleep(2.0)
+                during = run_fixed_rate("127.0.0.1", server.port, genuine[count:], rate=args.rate, lead_in=1.0,
+                                        server_pid=pid, label="genuine during pass")
+                overlapped = time.monotonic() - started
+                result = pass_.get()[0]
     finally:
         if server is not None:
             server.stop()
-        fake.terminate()
-        fake.wait(timeout=10)
         if admin:
             from tests.conftest import drop_postgres_database
 

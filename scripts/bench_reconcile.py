@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,8 @@ from receiver.client import RMClient  # noqa: E402
 from receiver.config import load_settings  # noqa: E402
 from receiver.db import make_engine, make_session_factory  # noqa: E402
 from receiver.reconciliation import reconcile_due  # noqa: E402
-from tests.support import free_port, migrate, wait_http  # noqa: E402
+from bench.fake_rm_process import fake_rm_process, rm_env  # noqa: E402
+from tests.support import migrate  # noqa: E402
 
 
 def _process_cores(before: cpu.CpuSample, after: cpu.CpuSample, pid: int) -> float:
@@ -48,23 +48,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-reconcile-"))
     url = args.database_url or f"sqlite:///{work / 'bench.db'}"
     migrate(url)
-    port = free_port()
-    fake = subprocess.Popen(
-        [sys.executable, "-m", "receiver.fake_rm", "--port", str(port), "--keys-dir", str(work / "keys"),
-         "--vouchers", str(args.vouchers)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(base + "/_fake/requests", proc=fake, timeout=60)
-        settings = load_settings({
-            "DATABASE_URL": url, "RM_INSECURE_SKIP_SIGNATURE": "1", "RM_API_BASE_URL": base,
-            "RM_OAUTH_BASE_URL": base, "RM_CLIENT_ID": "fake-client", "RM_CLIENT_SECRET": "fake-secret",
-            "RM_PRIVATE_KEY_FILE": str(work / "keys" / "merchant-private.pem"),
-            "RECONCILE_CONCURRENCY": str(args.concurrency),
-            # The cap must not be what limits this measurement; production keeps its own.
-            "RM_MAX_REQUESTS_PER_SECOND": "100000",
-        })
+    with fake_rm_process(work, args.vouchers) as fake:
+        base = fake.base
+        settings = load_settings(rm_env(url, base, work, args.concurrency))
         engine = make_engine(url)
         factory = make_session_factory(engine)
         client = RMClient.from_settings(settings)
@@ -96,9 +82,6 @@ def main() -> int:
               f"{used['machine_busy']:.2f}, steal {used['steal']:.2f}")
         engine.dispose()
         return 0 if summary.failed == 0 else 1
-    finally:
-        fake.terminate()
-        fake.wait(timeout=10)
 
 
 if __name__ == "__main__":
