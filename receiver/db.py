@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from sqlalchemy import (
-    Connection, DateTime, Engine, Executable, Table, TextClause, TypeDecorator, bindparam, create_engine, event, exc, text,
+    Connection, DateTime, Dialect, Engine, Executable, Table, TextClause, TypeDecorator, bindparam, create_engine, event,
+    exc, text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -659,6 +660,21 @@ class _Compiled:
         self.returns_rows: bool | None = None  # learnt from the first execution
 
 
+# A Direct statement's compiled form and its positional arguments, made by Direct.bind.
+Bound = tuple[_Compiled, tuple]
+
+
+@contextlib.contextmanager
+def transaction_on(bind: Engine | Connection) -> Iterator[Connection]:
+    """``engine.begin()``; on a Connection already checked out, a transaction on that connection."""
+    if isinstance(bind, Connection):
+        with bind.begin():
+            yield bind
+    else:
+        with bind.begin() as conn:
+            yield conn
+
+
 class Direct:
     """A Core statement compiled once per dialect and run straight on the DBAPI cursor.
 
@@ -700,16 +716,24 @@ class Direct:
         process = self._for(dialect).processors.get(name)
         return value if process is None else process(value)
 
-    def prepare(self, conn: Connection, params: Mapping[str, Any]) -> tuple[_Compiled, tuple]:
+    def prepare(self, conn: Connection, params: Mapping[str, Any]) -> Bound:
         """The SQL for ``conn``'s dialect and its positional arguments, converted by the columns' types."""
-        compiled = self._for(conn.dialect)
+        return self.bind(conn.dialect, params)
+
+    def bind(self, dialect: Dialect, params: Mapping[str, Any]) -> Bound:
+        """``prepare`` without a connection: arguments made ahead of time, e.g. before taking a lock."""
+        compiled = self._for(dialect)
         if compiled.fixed:
             params = {**compiled.fixed, **params}
         return compiled, tuple([params[n] if process is None else process(params[n]) for n, process in compiled.bound])
 
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[tuple]:
         """Run the statement in ``conn``'s transaction; every row it returns (none for plain DML)."""
-        compiled, args = self.prepare(conn, params)
+        return self.run_bound(conn, self.prepare(conn, params))
+
+    def run_bound(self, conn: Connection, bound: Bound) -> list[tuple]:
+        """``rows`` with the arguments ``bind`` made for ``conn``'s dialect."""
+        compiled, args = bound
         cursor = conn.connection.cursor()
         try:
             cursor.execute(compiled.sql, args)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from sqlalchemy import Connection, Engine, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, Dialect, Engine, and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +27,15 @@ from .apply import (
     locked_row,
     plan_apply,
 )
-from .db import Direct, connection_of, insert_unless_conflict, once_more_if_connection_died, pipelined
+from .db import (
+    Bound,
+    Direct,
+    connection_of,
+    insert_unless_conflict,
+    once_more_if_connection_died,
+    pipelined,
+    transaction_on,
+)
 from .metrics import count_apply
 from .models import DeliveryOutcome, Source, WebhookDelivery, utcnow
 from .snapshot import VoucherSnapshot
@@ -240,8 +248,13 @@ def _verified_values(incoming: IncomingCallback, snapshot: VoucherSnapshot) -> d
     )
 
 
+def prepare_verified(dialect: Dialect, incoming: IncomingCallback, snapshot: VoucherSnapshot) -> Bound:
+    """The delivery insert's arguments, made before the transaction (on SQLite, outside the write lock)."""
+    return _INSERT_VERIFIED.bind(dialect, _verified_values(incoming, snapshot))
+
+
 def accept_verified(
-    session: Session | Connection, incoming: IncomingCallback, snapshot: VoucherSnapshot
+    session: Session | Connection, incoming: IncomingCallback, snapshot: VoucherSnapshot, prepared: Bound | None = None
 ) -> CallbackResult:
     """Record a signature-verified delivery and apply its snapshot, in the caller's transaction.
 
@@ -249,7 +262,8 @@ def accept_verified(
     attempt failed on our side, in which case it is applied now. A signed nonce reused for other
     bytes is a replayed signature. New deliveries, the common case, cost one insert: only when it
     conflicts does a second query find out which of those it was. The owner of the transaction
-    counts the outcome in /metrics once it has committed (count_committed).
+    counts the outcome in /metrics once it has committed (count_committed). ``prepared``: what
+    prepare_verified made for this callback (SQLite), so the transaction need not build it.
     """
     conn = connection_of(session)
     if conn.dialect.name == "postgresql":
@@ -257,8 +271,8 @@ def accept_verified(
         if isinstance(outcome, NonceReused):
             raise outcome
         return outcome
-    inserted = _INSERT_VERIFIED.first(conn, _verified_values(incoming, snapshot))
-    return _after_insert(conn, incoming, snapshot, inserted[0] if inserted is not None else None, NOT_LOCKED)
+    inserted = _INSERT_VERIFIED.run_bound(conn, prepared or prepare_verified(conn.dialect, incoming, snapshot))
+    return _after_insert(conn, incoming, snapshot, inserted[0][0] if inserted else None, NOT_LOCKED)
 
 
 def accept_verified_together(
@@ -372,21 +386,28 @@ def failed_delivery_ids(session: Session) -> list[int]:
 
 
 def receive_verified(engine: Engine, incoming: IncomingCallback, snapshot: VoucherSnapshot) -> CallbackResult:
-    """Own the transaction for one verified delivery: commit it, or raise with nothing committed.
+    """Own the transaction for one verified delivery: commit it, or raise with nothing committed."""
+    result = commit_verified(engine, incoming, snapshot)
+    count_committed(result)
+    return result
+
+
+def commit_verified(
+    bind: Engine | Connection, incoming: IncomingCallback, snapshot: VoucherSnapshot, prepared: Bound | None = None
+) -> CallbackResult:
+    """receive_verified without counting it in /metrics; on a checked-out Connection, a transaction of its own on it.
 
     A bare Connection, not an ORM Session: nothing here loads objects, and the Session's
     bookkeeping cost ~0.1 ms a callback. Two identical deliveries racing each other collide on
     the unique dedupe key; the loser retries once and finds the winner's row.
     """
     def transaction() -> CallbackResult:
-        with engine.begin() as conn:
-            return accept_verified(conn, incoming, snapshot)
+        with transaction_on(bind) as conn:
+            return accept_verified(conn, incoming, snapshot, prepared)
 
     for attempt in range(3):
         try:
-            result = once_more_if_connection_died(transaction)
-            count_committed(result)
-            return result
+            return once_more_if_connection_died(transaction)
         except IntegrityError:
             if attempt == 2:
                 raise

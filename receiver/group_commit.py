@@ -12,8 +12,11 @@ deliveries.accept_verified_together): the transaction waits for the server four 
 the delivery inserts, the voucher writes and events, COMMIT) whatever the group's size, where
 one statement at a time it waited twice per callback besides BEGIN and COMMIT.
 
-On SQLite the flush that makes a commit durable comes after the writer turn is given up
-(db.WalSync): the next group takes the turn while this one's commit reaches the disk.
+On SQLite the writer turn (db.WriterTurn) admits one writer of all the processes at a time, so
+the time it is held bounds everyone's throughput: only the transaction runs in it. The delivery
+insert's arguments are made and the connection checked out before it; the metrics are counted
+and the flush that makes the commit durable (db.WalSync) done after it, so the next group takes
+the turn while this one's commit reaches the disk.
 
 A 200 still means committed, and on disk: every caller waits until the transaction holding its
 delivery has committed and been flushed, and learns its own outcome. If one callback in a batch
@@ -29,17 +32,26 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
-from .db import WalSyncError, WriterTurn, deferred_wal_syncs, is_unavailable, once_more_if_connection_died
+from .db import (
+    Bound,
+    WalSyncError,
+    WriterTurn,
+    deferred_wal_syncs,
+    is_unavailable,
+    once_more_if_connection_died,
+    transaction_on,
+)
 from .deliveries import (
     CallbackResult,
     IncomingCallback,
     NonceReused,
     accept_verified,
     accept_verified_together,
+    commit_verified,
     count_committed,
-    receive_verified,
+    prepare_verified,
 )
 from .metrics import GROUP_COMMIT_CALLBACKS
 from .snapshot import VoucherSnapshot
@@ -52,6 +64,8 @@ DEFAULT_MAX_BATCH = 32
 class _Waiting:
     incoming: IncomingCallback
     snapshot: VoucherSnapshot
+    # SQLite: the delivery insert's arguments, made before the writer turn (deliveries.prepare_verified).
+    prepared: Bound | None = None
     # Set when the callback is done, or when its thread is to lead the next batch. Only a callback
     # that queues behind a running batch waits, so only it gets one (most callbacks lead).
     wake: threading.Event | None = None
@@ -85,7 +99,9 @@ class GroupCommit:
 
     def submit(self, incoming: IncomingCallback, snapshot: VoucherSnapshot) -> CallbackResult:
         """Record and apply one verified callback; raise (NonceReused, database errors) as receive_verified does."""
-        me = _Waiting(incoming, snapshot)
+        # On SQLite everything that needs no write lock is done before the turn, which only one
+        # writer of all the processes holds at a time: the time it is held bounds the throughput.
+        me = _Waiting(incoming, snapshot, prepare_verified(self.engine.dialect, incoming, snapshot) if self.turn else None)
         with self._lock:
             if self._leading:
                 me.wake = threading.Event()
@@ -108,11 +124,17 @@ class GroupCommit:
         try:
             with deferred_wal_syncs() as flush:
                 try:
-                    with self.turn.hold() if self.turn is not None else contextlib.nullcontext():
-                        self._run(batch)
+                    # SQLite: the connection is checked out before the turn and returned after it.
+                    with self.engine.connect() if self.turn is not None else contextlib.nullcontext() as conn:
+                        with self.turn.hold() if self.turn is not None else contextlib.nullcontext():
+                            self._run(batch, conn)
                 finally:
                     # The next group may take the turn while this one's commit reaches the disk.
                     self._hand_over()
+                GROUP_COMMIT_CALLBACKS.observe(len(batch))
+                for item in batch:
+                    if item.result is not None:
+                        count_committed(item.result)
                 try:
                     flush()
                 except WalSyncError as exc:
@@ -163,14 +185,15 @@ class GroupCommit:
         self._queue = kept
         return batch
 
-    def _run(self, batch: list[_Waiting]) -> None:
+    def _run(self, batch: list[_Waiting], conn: Connection | None = None) -> None:
+        """Commit the batch, on ``conn`` if given (else on a connection of the engine's)."""
         stats = self.stats
         stats.batches += 1
         stats.callbacks += len(batch)
         stats.largest = max(stats.largest, len(batch))
-        GROUP_COMMIT_CALLBACKS.observe(len(batch))
+        bind = self.engine if conn is None else conn
         if len(batch) == 1:
-            self._alone(batch[0])
+            self._alone(batch[0], bind)
             return
         # One order for every batch: two workers' transactions then lock vouchers (PostgreSQL
         # row locks) in the same order and cannot deadlock on them.
@@ -179,7 +202,7 @@ class GroupCommit:
         def transaction() -> None:
             for item in ordered:  # a second run starts afresh
                 item.result = item.error = None
-            with self.engine.begin() as conn:
+            with transaction_on(bind) as conn:
                 if conn.dialect.name == "postgresql":
                     # The group's statements sent together: four waits for the server, not two per callback.
                     outcomes = accept_verified_together(conn, [(item.incoming, item.snapshot) for item in ordered])
@@ -189,16 +212,13 @@ class GroupCommit:
                     return
                 for item in ordered:
                     try:
-                        item.result = accept_verified(conn, item.incoming, item.snapshot)
+                        item.result = accept_verified(conn, item.incoming, item.snapshot, item.prepared)
                     except NonceReused as exc:
                         # Raised before this delivery wrote anything; the others go on.
                         item.error = exc
 
         try:
             once_more_if_connection_died(transaction)
-            for item in ordered:
-                if item.result is not None:
-                    count_committed(item.result)
             return
         except Exception as exc:  # noqa: BLE001 - sorted out below, per callback
             failure = exc
@@ -211,10 +231,10 @@ class GroupCommit:
             return
         stats.fallbacks += 1
         for item in batch:
-            self._alone(item)
+            self._alone(item, bind)
 
-    def _alone(self, item: _Waiting) -> None:
+    def _alone(self, item: _Waiting, bind: Engine | Connection) -> None:
         try:
-            item.result = receive_verified(self.engine, item.incoming, item.snapshot)
+            item.result = commit_verified(bind, item.incoming, item.snapshot, item.prepared)
         except Exception as exc:  # noqa: BLE001 - each caller maps its own error to a response
             item.error = exc

@@ -541,3 +541,45 @@ def test_a_scheduler_lease_on_sqlite_is_written_only_in_its_writer_turn(tmp_path
         engine.dispose()
     assert waited and while_held == 0, "the lease was written while another writer had the turn"
     assert taken == [True] and after == 1
+
+
+def test_a_callback_waits_for_the_writer_turn_with_its_connection_and_its_insert_ready(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Only the transaction runs in the turn: the connection and the delivery insert's arguments are ready before it.
+
+    One writer of all the processes holds the turn at a time, so the time it is held bounds the
+    throughput of every worker together; what needs no write lock is done while waiting for it.
+    """
+    import sqlite3
+
+    from receiver import deliveries
+    from receiver.db import writer_turn
+    from tests.support import migrate, while_another_writer_has_the_turn
+
+    path = tmp_path / "receiver.db"
+    migrate(f"sqlite:///{path}")
+    engine = make_engine(f"sqlite:///{path}")
+    committer = GroupCommit(engine, turn=writer_turn(engine))
+    made: list[str] = []
+    real_values = deliveries._verified_values
+
+    def spied_values(incoming, snapshot):  # noqa: ANN001, ANN202 - records the call, changes nothing
+        made.append(snapshot.code)
+        return real_values(incoming, snapshot)
+
+    monkeypatch.setattr(deliveries, "_verified_values", spied_values)
+    while_waiting: dict[str, object] = {}
+
+    def stored() -> int:
+        while_waiting.update(checked_out=engine.pool.checkedout(), made=list(made))
+        with sqlite3.connect(path) as conn:
+            return conn.execute("SELECT count(*) FROM webhook_deliveries").fetchone()[0]
+
+    try:
+        waited, while_held, results = while_another_writer_has_the_turn(
+            str(path), lambda: committer.submit(*verified_callback("READY", "VALID", 0)), stored
+        )
+    finally:
+        engine.dispose()
+    assert waited and while_held == 0, "the callback was written while another writer had the turn"
+    assert while_waiting == {"checked_out": 1, "made": ["READY"]}, "connection and arguments must be ready before the turn"
+    assert [r.status for r in results] == [DeliveryOutcome.ACCEPTED] and made == ["READY"], "the arguments are made once"
