@@ -200,17 +200,20 @@ def _sqlite_engine(
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # noqa: ANN001
-        # Take the write lock up front: deliveries for one voucher then serialise instead of
-        # failing with "database is locked" when two readers both try to upgrade.
+        # A writer takes the write lock up front: deliveries for one voucher then serialise
+        # instead of failing with "database is locked" when two readers both try to upgrade.
+        # A reader (reading(engine)) begins deferred: in WAL mode it takes no lock at all, so a
+        # health probe, a metrics scrape or an operator's query never queues with the writers.
         dbapi_connection = conn.connection.dbapi_connection
-        if checkpointer is not None:
+        begin = "BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE"
+        if checkpointer is not None and begin != "BEGIN":
             checkpointer.before_begin(dbapi_connection)
         # On the DBAPI connection: exec_driver_sql's execution context cost more than the BEGIN.
         # Errors still go through SQLAlchemy's handler (wrapped, e.g. OperationalError when locked).
         try:
-            dbapi_connection.execute("BEGIN IMMEDIATE")
+            dbapi_connection.execute(begin)
         except sqlite3.Error as error:
-            conn._handle_dbapi_exception(error, "BEGIN IMMEDIATE", (), None, None)
+            conn._handle_dbapi_exception(error, begin, (), None, None)
 
     if checkpointer is not None:
         _checkpointers[engine] = checkpointer
@@ -612,6 +615,15 @@ def _settle() -> None:
     """A Python-level call: pending signal handlers run at its start."""
 
 
+# Execution option of reading(): on SQLite, transactions that only read begin without the write lock.
+_READ_ONLY = "rmvs_read_only"
+
+
+def reading(engine: Engine) -> Engine:
+    """``engine`` for transactions that only read (same pool): on SQLite they take no write lock."""
+    return engine.execution_options(**{_READ_ONLY: True})
+
+
 def writer_turn(engine: Engine) -> WriterTurn | None:
     """The engine's WriterTurn (an SQLite file database, made by make_engine); None for PostgreSQL and in-memory SQLite."""
     return _turns.get(engine)
@@ -797,25 +809,34 @@ def checkpointer_of(engine: Engine) -> Checkpointer | None:
 
 
 class TurnTakingSessions(sessionmaker[Session]):
-    """A sessionmaker whose ``begin()`` transactions take the engine's SQLite writer turn.
+    """Sessions of an SQLite file: ``begin()`` writes in the engine's writer turn; ``factory()`` only reads.
 
     Every write of the service goes through ``begin()`` (or group commit, which holds the turn
     itself), so rejected deliveries, reconciliation, backfill, leases, merchant actions, Stamps
     operations and the retention purge all queue with the callbacks. In SQLite's busy handler
     instead, they would hold the write lock while a callback that has the turn sleeps out the
-    handler's steps, up to 100 ms each.
+    handler's steps, up to 100 ms each. A session made by calling the factory is for reading
+    (operators' queries, metrics, reconciliation's list of due codes): its transactions take
+    neither the turn nor the write lock, and never wait for a writer.
     """
 
     def __init__(self, bind: Engine, turn: WriterTurn, **options: Any) -> None:
         super().__init__(bind, **options)
         self.turn = turn
+        self.writer = bind
+        self.reader = reading(bind)
+
+    def __call__(self, **local_kw: Any) -> Session:
+        """A session for reading (see the class); write with ``begin()``."""
+        local_kw.setdefault("bind", self.reader)
+        return super().__call__(**local_kw)
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Session]:  # type: ignore[override]
         """A session in a transaction, committed at the end of the block, written in the writer turn."""
         # As in group commit, the commit's WAL flush waits until the turn is given up (WalSync).
         with deferred_wal_syncs() as flush:
-            with self.turn.hold(), super().begin() as session:
+            with self.turn.hold(), self(bind=self.writer) as session, session.begin():
                 yield session
             flush()
 
@@ -823,7 +844,8 @@ class TurnTakingSessions(sessionmaker[Session]):
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded values after commit (views read them to build responses).
 
-    On an SQLite file their ``begin()`` takes the writer turn (TurnTakingSessions).
+    On an SQLite file their ``begin()`` takes the writer turn and a session made by calling the
+    factory only reads, without the write lock (TurnTakingSessions).
     """
     turn = writer_turn(engine)
     if turn is None:

@@ -84,12 +84,12 @@ def _print_history(code: str) -> None:
     from sqlalchemy import text
 
     from .config import database_url_from_env, load_dotenv_if_present
-    from .db import make_engine
+    from .db import make_engine, reading
 
     load_dotenv_if_present()
     engine = make_engine(database_url_from_env())
     try:
-        with engine.connect() as conn:
+        with reading(engine).connect() as conn:
             rows = conn.execute(
                 text(
                     "SELECT recorded_at, from_status, to_status, source, outcome FROM voucher_history "

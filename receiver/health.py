@@ -8,7 +8,7 @@ from pathlib import Path
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
-from .db import is_unavailable, once_more_if_connection_died
+from .db import is_unavailable, once_more_if_connection_died, reading
 from .runtime import current_runtime
 
 bp = Blueprint("health", __name__)
@@ -48,7 +48,7 @@ def readyz() -> tuple[Response, int]:
     engine = current_runtime().engine
 
     def revision() -> str | None:
-        with engine.connect() as conn:
+        with reading(engine).connect() as conn:
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
     try:

@@ -49,7 +49,7 @@ def postgres_admin_url() -> str:
     """The PostgreSQL server tests create their databases on; skip locally without one, fail in CI."""
     url = _postgres_admin_url()
     if url is None:
-        pytest.skip("TEST_DATABASE_URL not set (scripts/test sets it when PostgreSQL is running)")
+        pytest.skip("TEST_DATABASE_URL not set: set it to a PostgreSQL server to run these (CI does, and fails without one)")
     return url
 
 

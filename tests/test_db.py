@@ -87,3 +87,51 @@ def test_direct_statement_error_is_wrapped_and_a_dead_connection_is_invalidated(
             assert select_one.first(conn, {"x": 9}) == (9,)
     finally:
         engine.dispose()
+
+
+def test_reads_of_an_sqlite_file_do_not_wait_for_another_processs_write(tmp_path, vectors) -> None:  # noqa: ANN001
+    """Health probes, metrics scrapes, operators' queries and the due list read while another process holds the write lock.
+
+    Beginning them with BEGIN IMMEDIATE, as writers do, queued each behind every writer: here for
+    the whole busy timeout (then a 503 and a scrape reporting the database down), and under load
+    for SQLite's busy-handler sleeps of up to 100 ms, with callbacks queued behind them in turn.
+    """
+    import sqlite3
+    from datetime import timedelta
+
+    from receiver import create_app
+    from receiver.config import load_settings
+    from receiver.models import utcnow
+    from receiver.reconciliation import iter_due_codes
+    from receiver.runtime import EXTENSION_KEY
+    from tests.support import CALLBACK_PATH, Signer, callback_body, fresh_settings_env, migrate, voucher_item
+
+    path = tmp_path / "receiver.db"
+    url = f"sqlite:///{path}"
+    migrate(url)
+    app = create_app(load_settings(fresh_settings_env(url, vectors, tmp_path, SQLITE_BUSY_TIMEOUT_SECONDS="3")))
+    runtime = app.extensions[EXTENSION_KEY]
+    client = app.test_client()
+    body = callback_body(voucher_item("READER", "VALID"))
+    assert client.post(CALLBACK_PATH, data=body, headers=Signer(vectors["rm_server_private_pem"]).headers(body)).status_code == 200
+
+    other_process = sqlite3.connect(path, isolation_level=None)
+    other_process.execute("BEGIN IMMEDIATE")  # another writer, mid-transaction
+    other_process.execute("UPDATE vouchers SET label = 'uncommitted'")
+    try:
+        started = time.monotonic()
+        ready = client.get("/readyz")
+        scrape = client.get("/metrics").get_data(as_text=True)
+        with runtime.sessions() as session:
+            label = session.execute(text("SELECT label FROM vouchers WHERE code = 'READER'")).scalar_one()
+        due = list(iter_due_codes(runtime.sessions, utcnow() + timedelta(days=1), stale_after_seconds=60))
+        took = time.monotonic() - started
+    finally:
+        other_process.rollback()
+        other_process.close()
+        runtime.engine.dispose()
+    assert ready.status_code == 200, ready.get_json()
+    assert "rmvs_database_up 1.0" in scrape
+    assert label == "Free coffee", "a reader sees the last commit, not the other writer's work in progress"
+    assert due == ["READER"]
+    assert took < 1.0, f"the reads waited {took:.2f}s for the writer (busy timeout 3 s)"
