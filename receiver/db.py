@@ -205,8 +205,11 @@ def _sqlite_engine(
         # A reader (reading(engine)) begins deferred: in WAL mode it takes no lock at all, so a
         # health probe, a metrics scrape or an operator's query never queues with the writers.
         dbapi_connection = conn.connection.dbapi_connection
-        begin = "BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE"
-        if checkpointer is not None and begin != "BEGIN":
+        reader = bool(conn.get_execution_options().get(_READ_ONLY))
+        begin = "BEGIN" if reader else "BEGIN IMMEDIATE"
+        if isinstance(dbapi_connection, SqliteFileConnection):
+            dbapi_connection.reader_began_at = dbapi_connection.total_changes if reader else None
+        if checkpointer is not None and not reader:
             checkpointer.before_begin(dbapi_connection)
         # On the DBAPI connection: exec_driver_sql's execution context cost more than the BEGIN.
         # Errors still go through SQLAlchemy's handler (wrapped, e.g. OperationalError when locked).
@@ -292,11 +295,16 @@ class SqliteFileConnection(sqlite3.Connection):
 
     wal_sync: WalSync | None = None
     checkpointer: Checkpointer | None = None
+    # total_changes when a reader's transaction began (db.reading); None in a writer's.
+    reader_began_at: int | None = None
 
     def commit(self) -> None:  # noqa: D102
         committing = self.in_transaction
         super().commit()
         if not committing:
+            return
+        if self.reader_began_at is not None and self.total_changes == self.reader_began_at:
+            # A reader that changed no row committed nothing: no WAL to copy or flush.
             return
         # After the commit, not in SQLAlchemy's "commit" event (which runs before it): a nudge
         # that woke the checkpointer before the frames were in the WAL let it checkpoint without

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 from sqlalchemy import select, text
 
-from receiver.db import deferred_wal_syncs, make_engine, writer_turn
+from receiver.db import deferred_wal_syncs, make_engine, make_session_factory, reading, writer_turn
 from receiver.group_commit import GroupCommit
 from receiver.models import DeliveryOutcome, WebhookDelivery
 from tests.support import CALLBACK_PATH, callback_body, migrate, verified_callback, voucher_item
@@ -94,6 +94,25 @@ def test_a_commit_returns_only_after_its_wal_is_flushed(sqlite_file: Path, monke
             with engine.begin() as conn:
                 conn.execute(text("UPDATE scheduler_leases SET holder = 'e'"))
         assert fsyncs.flushed(_wal(sqlite_file)) == 4
+    finally:
+        engine.dispose()
+
+
+def test_a_reader_that_commits_flushes_nothing_unless_it_wrote(sqlite_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readers (metrics scrapes, probes, operators' queries) commit without a flush; one that wrote after all is flushed."""
+    engine = make_engine(f"sqlite:///{sqlite_file}")
+    try:
+        sessions = make_session_factory(engine)
+        with sessions.begin() as session:
+            session.execute(text("INSERT INTO scheduler_leases (name, holder, acquired_at, expires_at) VALUES ('a', 'h', '2030-01-01', '2030-01-01')"))
+        fsyncs = FsyncLog(monkeypatch)
+        with sessions() as session:
+            assert session.execute(text("SELECT holder FROM scheduler_leases")).scalar() == "h"
+            session.commit()
+        assert fsyncs.flushed(_wal(sqlite_file)) == 0, "a reader's commit wrote nothing to flush"
+        with reading(engine).begin() as conn:
+            conn.execute(text("UPDATE scheduler_leases SET holder = 'g'"))
+        assert fsyncs.flushed(_wal(sqlite_file)) == 1, "a reader that changed a row must be flushed like any writer"
     finally:
         engine.dispose()
 
