@@ -26,8 +26,10 @@ def default_web_concurrency(cores: int) -> int:
 
     SQLite admits one writer at a time; with more workers than cores, the worker holding the
     write lock is pre-empted by others waiting for it (measured at 200 callbacks/s on 2 cores:
-    p99 44 ms with 5 workers, 9 ms with 3, same throughput). On PostgreSQL the workers are
-    threaded (default_web_threads), and 3 x 8 threads took 790 callbacks/s where 5 x 8 took 635.
+    p99 44 ms with 5 workers, 9 ms with 3, same throughput). Two SQLite workers wrote callbacks
+    ~9 % faster, but under a flood of forged callbacks the genuine p99 doubled (docs/performance.md).
+    On PostgreSQL the workers are threaded (default_web_threads), and 3 x 8 threads took 790
+    callbacks/s where 5 x 8 took 635.
     """
     return cores + 1
 
