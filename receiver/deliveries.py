@@ -385,20 +385,14 @@ def failed_delivery_ids(session: Session) -> list[int]:
     )
 
 
-def receive_verified(engine: Engine, incoming: IncomingCallback, snapshot: VoucherSnapshot) -> CallbackResult:
-    """Own the transaction for one verified delivery: commit it, or raise with nothing committed."""
-    result = commit_verified(engine, incoming, snapshot)
-    count_committed(result)
-    return result
-
-
 def commit_verified(
     bind: Engine | Connection, incoming: IncomingCallback, snapshot: VoucherSnapshot, prepared: Bound | None = None
 ) -> CallbackResult:
-    """receive_verified without counting it in /metrics; on a checked-out Connection, a transaction of its own on it.
+    """Own the transaction for one verified delivery: commit it, or raise with nothing committed.
 
-    A bare Connection, not an ORM Session: nothing here loads objects, and the Session's
-    bookkeeping cost ~0.1 ms a callback. Two identical deliveries racing each other collide on
+    On a Connection already checked out, the transaction runs on it; the caller counts the result
+    in /metrics (count_committed). A bare Connection, not an ORM Session: nothing here loads
+    objects, and the Session's bookkeeping cost ~0.1 ms a callback. Two identical deliveries racing each other collide on
     the unique dedupe key; the loser retries once and finds the winner's row.
     """
     def transaction() -> CallbackResult:

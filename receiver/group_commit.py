@@ -98,7 +98,7 @@ class GroupCommit:
         self._leading = False
 
     def submit(self, incoming: IncomingCallback, snapshot: VoucherSnapshot) -> CallbackResult:
-        """Record and apply one verified callback; raise (NonceReused, database errors) as receive_verified does."""
+        """Record and apply one verified callback; raise (NonceReused, database errors) as commit_verified does."""
         # On SQLite everything that needs no write lock is done before the turn, which only one
         # writer of all the processes holds at a time: the time it is held bounds the throughput.
         me = _Waiting(incoming, snapshot, prepare_verified(self.engine.dialect, incoming, snapshot) if self.turn else None)

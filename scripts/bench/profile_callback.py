@@ -293,7 +293,6 @@ def profile_database(kind: str, args: argparse.Namespace, workdir: Path) -> None
         timers.wrap(webhook_mod, "snapshot_from_item", "build the snapshot")
         from sqlalchemy.orm import Session
 
-        timers.wrap(deliveries_mod, "receive_verified", "= receive_verified: the whole DB transaction")
         timers.wrap(deliveries_mod, "accept_verified", "  accept_verified (everything between BEGIN and COMMIT)")
         timers.wrap(deliveries_mod, "_find_prior", "  _find_prior (ORM SELECT webhook_deliveries, incl. checkout+BEGIN)")
         timers.wrap(deliveries_mod, "apply_snapshot", "  apply_snapshot (Core statements)")
