@@ -31,6 +31,7 @@ import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import Iterator
 
 from sqlalchemy import Connection, Engine
 
@@ -124,10 +125,8 @@ class GroupCommit:
         try:
             with deferred_wal_syncs() as flush:
                 try:
-                    # SQLite: the connection is checked out before the turn and returned after it.
-                    with self.engine.connect() if self.turn is not None else contextlib.nullcontext() as conn:
-                        with self.turn.hold() if self.turn is not None else contextlib.nullcontext():
-                            self._run(batch, conn)
+                    with self._in_turn() as conn:
+                        self._run(batch, conn)
                 finally:
                     # The next group may take the turn while this one's commit reaches the disk.
                     self._hand_over()
@@ -153,6 +152,15 @@ class GroupCommit:
                 item.done = True
                 if item.wake is not None:
                     item.wake.set()
+
+    @contextlib.contextmanager
+    def _in_turn(self) -> Iterator[Connection | None]:
+        """SQLite: the writer turn, on a connection checked out before it and returned after it. Else nothing (None)."""
+        if self.turn is None:
+            yield None
+            return
+        with self.engine.connect() as conn, self.turn.hold():
+            yield conn
 
     def _hand_over(self) -> None:
         with self._lock:
