@@ -209,6 +209,12 @@ def _sqlite_engine(
         begin = "BEGIN" if reader else "BEGIN IMMEDIATE"
         if isinstance(dbapi_connection, SqliteFileConnection):
             dbapi_connection.reader_began_at = dbapi_connection.total_changes if reader else None
+            if dbapi_connection.query_only != reader:
+                # A reader that wrote would write outside the writer turn, and its deferred
+                # transaction could fail at random with SQLITE_BUSY once another process wrote
+                # since it began. query_only makes every such write fail at once, in tests too.
+                dbapi_connection.execute(f"PRAGMA query_only={int(reader)}")
+                dbapi_connection.query_only = reader
         if checkpointer is not None and not reader:
             checkpointer.before_begin(dbapi_connection)
         # On the DBAPI connection: exec_driver_sql's execution context cost more than the BEGIN.
@@ -297,6 +303,8 @@ class SqliteFileConnection(sqlite3.Connection):
     checkpointer: Checkpointer | None = None
     # total_changes when a reader's transaction began (db.reading); None in a writer's.
     reader_began_at: int | None = None
+    # PRAGMA query_only as last set: on while the connection serves a reader's transaction.
+    query_only: bool = False
 
     def commit(self) -> None:  # noqa: D102
         committing = self.in_transaction

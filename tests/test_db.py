@@ -1,4 +1,5 @@
-"""The PostgreSQL pool: no ping per checkout under load, yet a connection that died while idle is replaced."""
+"""The engines: PostgreSQL's pool (no ping per checkout under load, yet a connection that died while idle is
+replaced), and SQLite's readers (they never wait for a writer, and cannot write)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,6 @@ from sqlalchemy import create_engine, text
 
 from receiver import db as db_module
 from tests.conftest import create_postgres_database, drop_postgres_database
-
-pytestmark = pytest.mark.postgres
-
 
 @pytest.fixture
 def pg_url(postgres_admin_url: str):  # noqa: ANN201
@@ -27,6 +25,7 @@ def _backend_pid(engine) -> int:  # noqa: ANN001
         return conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
 
 
+@pytest.mark.postgres
 def test_connection_killed_while_idle_is_replaced_before_use(pg_url, postgres_admin_url, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(db_module, "PING_AFTER_IDLE_SECONDS", 0.2)
     engine = db_module.make_engine(pg_url, pool_size=1)
@@ -43,6 +42,7 @@ def test_connection_killed_while_idle_is_replaced_before_use(pg_url, postgres_ad
         engine.dispose()
 
 
+@pytest.mark.postgres
 def test_busy_connections_are_not_pinged(pg_url, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(db_module, "PING_AFTER_IDLE_SECONDS", 0.5)
     engine = db_module.make_engine(pg_url, pool_size=1)
@@ -66,6 +66,7 @@ def test_busy_connections_are_not_pinged(pg_url, monkeypatch) -> None:  # noqa: 
         engine.dispose()
 
 
+@pytest.mark.postgres
 def test_direct_statement_error_is_wrapped_and_a_dead_connection_is_invalidated(pg_url, postgres_admin_url) -> None:  # noqa: ANN001
     """db.Direct skips execute(), not its error handling: the web tier's 503 mapping and the pool depend on it."""
     engine = db_module.make_engine(pg_url, pool_size=1)
@@ -135,3 +136,40 @@ def test_reads_of_an_sqlite_file_do_not_wait_for_another_processs_write(tmp_path
     assert label == "Free coffee", "a reader sees the last commit, not the other writer's work in progress"
     assert due == ["READER"]
     assert took < 1.0, f"the reads waited {took:.2f}s for the writer (busy timeout 3 s)"
+
+
+def test_a_reading_session_of_an_sqlite_file_cannot_write(tmp_path) -> None:  # noqa: ANN001
+    """A write in a reader's session fails at once and changes nothing; the same pooled connection then writes in begin().
+
+    A reader begins deferred and outside the writer turn. Were it allowed to write, it would do so
+    behind the turn's back, and fail only now and then, with SQLITE_BUSY, when another process
+    had written since it began: a bug no single-process test would show.
+    """
+    import sqlite3
+
+    from sqlalchemy import exc, func, insert, select
+
+    from receiver.models import SchedulerLease, utcnow
+    from tests.support import migrate
+
+    path = tmp_path / "receiver.db"
+    url = f"sqlite:///{path}"
+    migrate(url)
+    engine = db_module.make_engine(url)
+    try:
+        sessions = db_module.make_session_factory(engine)
+        lease = {"name": "reconcile", "holder": "h", "acquired_at": utcnow(), "expires_at": utcnow()}
+        with sessions() as session:
+            with pytest.raises(exc.OperationalError, match="readonly database"):
+                session.execute(insert(SchedulerLease).values(**lease))
+            session.rollback()
+            assert session.execute(select(func.count()).select_from(SchedulerLease)).scalar_one() == 0
+            reader_connection = session.connection().connection.dbapi_connection
+        with sessions.begin() as session:
+            assert session.connection().connection.dbapi_connection is reader_connection
+            session.execute(insert(SchedulerLease).values(**lease))
+        with sessions() as session:
+            assert session.execute(select(SchedulerLease.holder)).scalar_one() == "h"
+        assert sqlite3.connect(path).execute("SELECT count(*) FROM scheduler_leases").fetchone() == (1,)
+    finally:
+        engine.dispose()

@@ -111,6 +111,8 @@ def test_a_reader_that_commits_flushes_nothing_unless_it_wrote(sqlite_file: Path
             session.commit()
         assert fsyncs.flushed(_wal(sqlite_file)) == 0, "a reader's commit wrote nothing to flush"
         with reading(engine).begin() as conn:
+            # Readers are query_only (test_db); one that lifts it and writes must still be durable.
+            conn.exec_driver_sql("PRAGMA query_only=0")
             conn.execute(text("UPDATE scheduler_leases SET holder = 'g'"))
         assert fsyncs.flushed(_wal(sqlite_file)) == 1, "a reader that changed a row must be flushed like any writer"
     finally:
