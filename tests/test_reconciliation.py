@@ -312,3 +312,52 @@ def test_the_backfill_command_on_sqlite_writes_only_in_its_writer_turn(settings_
     assert waited and vouchers_while_held == 0, "backfill wrote while a web worker had the turn"
     assert outputs and outputs[0].exit_code == 0, outputs and outputs[0].output
     assert vouchers_after == 30
+
+
+def test_a_chunk_is_applied_in_transactions_that_end_once_they_have_held_the_writer_turn_for_the_budget(
+    db, fake_rm, rm_client, monkeypatch,  # noqa: ANN001
+) -> None:
+    """Every callback waits while a pass's transaction holds SQLite's writer turn, so a chunk of answers is split by time.
+
+    With the budget at zero each transaction applies one voucher (never none, so the pass always
+    advances); with time to spare the chunk is one transaction. Either way each voucher is applied
+    and counted exactly once.
+    """
+    from collections import deque
+
+    from sqlalchemy import event
+
+    from receiver import reconciliation
+
+    engine = db.kw["bind"]
+
+    def apply_chunk(codes: list[str], budget: float) -> tuple[int, reconciliation.ReconcileSummary]:
+        monkeypatch.setattr(reconciliation, "TURN_BUDGET_SECONDS", budget)
+        fetched = deque(reconciliation._fetch(rm_client, code) for code in codes)
+        summary = reconciliation.ReconcileSummary(run_id=0)
+        commits: list[object] = []
+        listener = commits.append
+        event.listen(engine, "commit", listener)
+        try:
+            reconciliation.Reconciler(db, rm_client)._apply(fetched, summary)
+        finally:
+            event.remove(engine, "commit", listener)
+        return len(commits), summary
+
+    codes = [f"BUDGET{i}" for i in range(12)]
+    for code in codes:
+        _seed(db, fake_rm, code, "ISSUE")
+        fake_rm.set_status(code, "REDEEMED")
+    commits, summary = apply_chunk(codes, 0.0)
+    assert commits == 12
+    assert (summary.checked, summary.changed, summary.failed) == (12, 12, 0)
+    with db() as s:
+        assert set(s.scalars(select(Voucher.status).where(Voucher.code.in_(codes)))) == {"REDEEMED"}
+        assert s.scalar(select(func.count()).select_from(VoucherEvent).where(
+            VoucherEvent.voucher_code.in_(codes), VoucherEvent.to_status == "REDEEMED")) == 12
+
+    for code in codes:
+        fake_rm.set_status(code, "VOID")
+    commits, summary = apply_chunk(codes, 60.0)
+    assert commits == 1
+    assert (summary.checked, summary.changed, summary.failed) == (12, 12, 0)
