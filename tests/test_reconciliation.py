@@ -361,3 +361,48 @@ def test_a_chunk_is_applied_in_transactions_that_end_once_they_have_held_the_wri
     commits, summary = apply_chunk(codes, 60.0)
     assert commits == 1
     assert (summary.checked, summary.changed, summary.failed) == (12, 12, 0)
+
+
+def test_a_voucher_the_database_refuses_fails_alone_and_the_rest_of_its_chunk_is_applied_once(
+    db, fake_rm, rm_client,  # noqa: ANN001
+) -> None:
+    """A write the database refuses rolls back its transaction; the chunk is redone voucher by voucher from there."""
+    from collections import deque
+
+    from sqlalchemy import text
+
+    from receiver import reconciliation
+
+    codes = ["ISO-1", "ISO-2", "ISO-BAD", "ISO-4", "ISO-5"]
+    for code in codes:
+        _seed(db, fake_rm, code, "ISSUE")
+        fake_rm.set_status(code, "REDEEMED")
+    engine = db.kw["bind"]
+    # A refusal no snapshot can cause (our data is sanitised), staged in the database itself.
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execute(text(
+                "CREATE TRIGGER refuse_bad BEFORE UPDATE ON vouchers WHEN NEW.code = 'ISO-BAD' "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            ))
+        else:
+            conn.execute(text(
+                "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"
+            ))
+            conn.execute(text(
+                "CREATE TRIGGER refuse_bad BEFORE UPDATE ON vouchers FOR EACH ROW "
+                "WHEN (NEW.code = 'ISO-BAD') EXECUTE FUNCTION refuse_bad()"
+            ))
+    summary = reconciliation.ReconcileSummary(run_id=0)
+    fetched = deque(reconciliation._fetch(rm_client, code) for code in codes)
+    reconciliation.Reconciler(db, rm_client)._apply(fetched, summary)
+
+    assert (summary.checked, summary.changed, summary.failed) == (5, 4, 1)
+    with db() as s:
+        assert dict(s.execute(select(Voucher.code, Voucher.status).where(Voucher.code.in_(codes))).all()) == {
+            "ISO-1": "REDEEMED", "ISO-2": "REDEEMED", "ISO-BAD": "ISSUE", "ISO-4": "REDEEMED", "ISO-5": "REDEEMED",
+        }
+        redeemed = s.scalars(select(VoucherEvent.voucher_code).where(
+            VoucherEvent.voucher_code.in_(codes), VoucherEvent.to_status == "REDEEMED"))
+        assert sorted(redeemed) == ["ISO-1", "ISO-2", "ISO-4", "ISO-5"]
