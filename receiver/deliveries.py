@@ -69,8 +69,8 @@ class RejectionLimiter:
 
     # Each stored rejection is a transaction with its own durable commit. At the start of a flood
     # a burst of 60 per worker queued ~180 commits on PostgreSQL's WAL flush within a second, and
-    # the genuine callbacks' commits waited behind them: 150-370 ms (bench_abuse.py, default
-    # threaded workers), against 17-25 ms with bursts of 10.
+    # the genuine callbacks' commits waited behind them: stalls of 180-370 ms (bench_abuse.py,
+    # default threaded workers), where a bucket of 10 left a p99 of 17-25 ms.
     MAX_BURST = 10
 
     def __init__(self, per_minute: int, max_sources: int = 10_000) -> None:
