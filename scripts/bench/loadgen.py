@@ -221,7 +221,11 @@ def _closed_loop_worker(args: tuple) -> dict:
 
     c0 = time.process_time()
     t0 = time.perf_counter()
-    samples, exhausted = asyncio.run(main())
+    gc.disable()  # as in run_fixed_rate: a collection mid-request would count as the server's latency
+    try:
+        samples, exhausted = asyncio.run(main())
+    finally:
+        gc.enable()
     return {"samples": samples, "cpu": time.process_time() - c0, "wall": time.perf_counter() - t0,
             "exhausted": exhausted}
 
