@@ -116,6 +116,17 @@ class Runner:
 
     def _drive(self, server: GunicornServer, records: list[Record], duration: float, wrap: bool, label: str
                ) -> loadgen.PhaseResult:
+        workers = server.workers()
+        before = cpu.context_switches(workers)
+        result = self._drive_load(server, records, duration, wrap, label)
+        after = cpu.context_switches(workers)
+        # Per request answered in the phase (warm-up and timed alike), for where a worker's time goes.
+        answered = sum(result.statuses.values()) or 1
+        result.extra["ctx_switches"] = ((after[0] - before[0]) / answered, (after[1] - before[1]) / answered)
+        return result
+
+    def _drive_load(self, server: GunicornServer, records: list[Record], duration: float, wrap: bool, label: str
+                    ) -> loadgen.PhaseResult:
         if self.use_wrk:
             self.file_seq += 1
             path = self.workdir / f"requests-{self.file_seq}.txt"
@@ -456,6 +467,9 @@ def describe(r: loadgen.PhaseResult) -> str:
     parts.append(f"CPU cores used: {cpu}")
     if r.extra.get("other_top"):
         parts.append(f"busiest other processes: {', '.join(r.extra['other_top'])}")
+    if r.extra.get("ctx_switches"):
+        voluntary, involuntary = r.extra["ctx_switches"]
+        parts.append(f"workers' context switches per request: {voluntary:.1f} voluntary, {involuntary:.1f} involuntary")
     if "offered_rate" in r.extra:
         e = r.extra
         parts.append(f"achieved {e['achieved_rate']:.1f}/s of {e['offered_rate']:g}/s offered; service time p50 "

@@ -26,6 +26,31 @@ def process_seconds(pids: list[int]) -> float:
     return sum(found[2] for found in map(_stat, pids) if found is not None)
 
 
+def context_switches(pids: list[int]) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches so far of every thread of these processes.
+
+    Voluntary: the thread blocked (a lock, the disk, a socket); involuntary: the scheduler took
+    its core away. Threads or processes gone meanwhile drop out of the sum.
+    """
+    voluntary = involuntary = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
+                    for line in f:
+                        if line.startswith(b"voluntary_ctxt_switches:"):
+                            voluntary += int(line.split()[1])
+                        elif line.startswith(b"nonvoluntary_ctxt_switches:"):
+                            involuntary += int(line.split()[1])
+            except OSError:
+                continue
+    return voluntary, involuntary
+
+
 def postgres_backend_pids(engine) -> list[int]:  # noqa: ANN001
     """PIDs of the PostgreSQL backends serving the engine's database, except the one asking.
 
