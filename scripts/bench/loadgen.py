@@ -12,6 +12,7 @@ show that it kept to the schedule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -20,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from . import cpu
 from .callbacks import Record
@@ -141,6 +143,21 @@ async def _open_loop(host: str, port: int, raws: list[bytes], rate: float, timeo
     return await asyncio.gather(*tasks)
 
 
+@contextlib.contextmanager
+def _without_gc() -> Iterator[None]:
+    """No garbage collection while a phase sends: the generator's pauses must not count as the server's latency.
+
+    A full collection of this process's heap (the pre-built requests, the results so far) paused
+    the generator for tens of ms, and the requests it then sent late were timed from their due
+    time. A 13 s phase allocates a few MB without collecting.
+    """
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def run_fixed_rate(
     host: str, port: int, records: list[Record], *, rate: float, lead_in: float, server_pid: int | None, label: str,
     timeout: float = 10.0,
@@ -149,14 +166,8 @@ def run_fixed_rate(
     raws = [r.raw(f"{host}:{port}") for r in records]
     before = cpu.sample()
     cpu0 = time.process_time()
-    # No garbage collection while the schedule runs: a full collection of this process's heap (the
-    # pre-built requests, the results so far) paused the generator for tens of ms, and the requests it
-    # then sent late counted as the server's latency. A 13 s phase allocates a few MB without it.
-    gc.disable()
-    try:
+    with _without_gc():
         results = asyncio.run(_open_loop(host, port, raws, rate, timeout))
-    finally:
-        gc.enable()
     self_cpu = time.process_time() - cpu0
     after = cpu.sample()
     t0 = results[0][0]
@@ -221,11 +232,8 @@ def _closed_loop_worker(args: tuple) -> dict:
 
     c0 = time.process_time()
     t0 = time.perf_counter()
-    gc.disable()  # as in run_fixed_rate: a collection mid-request would count as the server's latency
-    try:
+    with _without_gc():
         samples, exhausted = asyncio.run(main())
-    finally:
-        gc.enable()
     return {"samples": samples, "cpu": time.process_time() - c0, "wall": time.perf_counter() - t0,
             "exhausted": exhausted}
 
