@@ -37,6 +37,18 @@ def _seed(db, fake, code: str, status: str, **fields) -> dict:  # noqa: ANN001, 
     return item
 
 
+def _apply_as_one_chunk(db, rm_client, codes: list[str]):  # noqa: ANN001, ANN202
+    """RM's answers for these codes, applied as one chunk of a pass (what the pipeline hands over); its counts."""
+    from collections import deque
+
+    from receiver import reconciliation
+
+    summary = reconciliation.ReconcileSummary(run_id=0)
+    fetched = deque(reconciliation._fetch(rm_client, code) for code in codes)
+    reconciliation.Reconciler(db, rm_client)._apply(fetched, summary)
+    return summary
+
+
 def test_convergence_after_lossy_duplicated_reordered_callbacks(
     app, db, fake_rm, rm_client, settings_env, tmp_path, migrated_url  # noqa: ANN001
 ) -> None:
@@ -323,8 +335,6 @@ def test_a_chunk_is_applied_in_transactions_that_end_once_they_have_held_the_wri
     advances); with time to spare the chunk is one transaction. Either way each voucher is applied
     and counted exactly once.
     """
-    from collections import deque
-
     from sqlalchemy import event
 
     from receiver import reconciliation
@@ -333,13 +343,11 @@ def test_a_chunk_is_applied_in_transactions_that_end_once_they_have_held_the_wri
 
     def apply_chunk(codes: list[str], budget: float) -> tuple[int, reconciliation.ReconcileSummary]:
         monkeypatch.setattr(reconciliation, "TURN_BUDGET_SECONDS", budget)
-        fetched = deque(reconciliation._fetch(rm_client, code) for code in codes)
-        summary = reconciliation.ReconcileSummary(run_id=0)
         commits: list[object] = []
         listener = commits.append
         event.listen(engine, "commit", listener)
         try:
-            reconciliation.Reconciler(db, rm_client)._apply(fetched, summary)
+            summary = _apply_as_one_chunk(db, rm_client, codes)
         finally:
             event.remove(engine, "commit", listener)
         return len(commits), summary
@@ -367,11 +375,7 @@ def test_a_voucher_the_database_refuses_fails_alone_and_the_rest_of_its_chunk_is
     db, fake_rm, rm_client,  # noqa: ANN001
 ) -> None:
     """A write the database refuses rolls back its transaction; the chunk is redone voucher by voucher from there."""
-    from collections import deque
-
     from sqlalchemy import text
-
-    from receiver import reconciliation
 
     codes = ["ISO-1", "ISO-2", "ISO-BAD", "ISO-4", "ISO-5"]
     for code in codes:
@@ -394,9 +398,7 @@ def test_a_voucher_the_database_refuses_fails_alone_and_the_rest_of_its_chunk_is
                 "CREATE TRIGGER refuse_bad BEFORE UPDATE ON vouchers FOR EACH ROW "
                 "WHEN (NEW.code = 'ISO-BAD') EXECUTE FUNCTION refuse_bad()"
             ))
-    summary = reconciliation.ReconcileSummary(run_id=0)
-    fetched = deque(reconciliation._fetch(rm_client, code) for code in codes)
-    reconciliation.Reconciler(db, rm_client)._apply(fetched, summary)
+    summary = _apply_as_one_chunk(db, rm_client, codes)
 
     assert (summary.checked, summary.changed, summary.failed) == (5, 4, 1)
     with db() as s:
