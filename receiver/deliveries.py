@@ -399,8 +399,9 @@ def commit_verified(
 
     On a Connection already checked out, the transaction runs on it; the caller counts the result
     in /metrics (count_committed). A bare Connection, not an ORM Session: nothing here loads
-    objects, and the Session's bookkeeping cost ~0.1 ms a callback. Two identical deliveries racing each other collide on
-    the unique dedupe key; the loser retries once and finds the winner's row.
+    objects, and the Session's bookkeeping cost ~0.1 ms a callback. Two identical deliveries
+    racing each other collide on the unique dedupe key; the loser retries once and finds the
+    winner's row.
     """
     def transaction() -> CallbackResult:
         with transaction_on(bind) as conn:
