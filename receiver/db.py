@@ -47,6 +47,10 @@ _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 _checkpointers: "weakref.WeakKeyDictionary[Engine, Checkpointer]" = weakref.WeakKeyDictionary()
 
+# How long a background writer's transaction (a reconciliation pass, the retention purge) may hold
+# the writer turn before it commits and lets the callbacks waiting for the turn go first.
+WRITER_TURN_BUDGET_SECONDS = 0.005
+
 # One writer turn per SQLite file engine, shared by every writer of the process (group commit, sessions).
 _turns: "weakref.WeakKeyDictionary[Engine, WriterTurn]" = weakref.WeakKeyDictionary()
 

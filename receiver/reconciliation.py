@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .apply import apply_snapshot, record_not_found
 from .client import RMClient, RMError, RMNotFound
-from .db import is_unavailable
+from .db import WRITER_TURN_BUDGET_SECONDS, is_unavailable
 from .models import ReconcileRun, Source, Voucher, utcnow
 from .snapshot import SnapshotError, VoucherSnapshot, snapshot_from_item
 from .state_machine import FINAL_STATUSES, Outcome
@@ -33,7 +33,7 @@ APPLY_CHUNK = 100
 # beside 100 callbacks/s, a chunk of 100 held it 13 ms (median) to 135 ms (the pass's process
 # competing for its GIL and the cores). Each transaction therefore ends once it has held the turn
 # this long, and the rest of the chunk goes in the next one: a few more commits a second.
-TURN_BUDGET_SECONDS = 0.005
+TURN_BUDGET_SECONDS = WRITER_TURN_BUDGET_SECONDS
 
 
 @dataclass
