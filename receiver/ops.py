@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from .db import WRITER_TURN_BUDGET_SECONDS as TURN_BUDGET_SECONDS
 from .models import Voucher, VoucherEvent, WebhookDelivery, utcnow
+
+# Rows emptied per statement: between statements the purge checks whether its transaction has
+# held the writer turn for TURN_BUDGET_SECONDS. A batch of 500 in one transaction held it 8.6 ms
+# (median) and 78.8 ms (the first, on a cold cache) on 20,000 rows, with callbacks waiting.
+PURGE_STATEMENT_ROWS = 20
 
 VOUCHER_FIELDS = (
     "code", "status", "rm_updated_at", "batch_key", "label", "voucher_type", "amount", "discount_rate",
@@ -110,12 +117,14 @@ def purge_delivery_bodies(
     """Drop body and headers of deliveries older than the retention window, in short batches; return how many.
 
     Rows, hashes, outcomes and every voucher_events row stay: the history keeps its evidence.
-    Each batch is its own transaction, so no lock is held for long.
+    A batch's rows are found by a reading session (no writer turn on SQLite), then emptied in
+    transactions that each end once they have held the writer turn for TURN_BUDGET_SECONDS, so
+    callbacks wait at most about that long behind the purge.
     """
     cutoff = (now or utcnow()) - timedelta(days=older_than_days)
     purged = 0
     while True:
-        with factory.begin() as session:
+        with factory() as session:
             # Served by ix_webhook_deliveries_purged_at_received_at: purged rows are never scanned again.
             ids = list(
                 session.scalars(
@@ -124,13 +133,31 @@ def purge_delivery_bodies(
                     .limit(batch_size)
                 )
             )
-            if not ids:
-                return purged
-            session.execute(
-                update(WebhookDelivery)
-                .where(WebhookDelivery.id.in_(ids))
-                .values(body=None, headers=None, purged_at=utcnow())
-            )
-        purged += len(ids)
+        if not ids:
+            return purged
+        emptied = 0
+        done = 0
+        while done < len(ids):
+            done, count = _purge_some(factory, ids, done)
+            emptied += count  # only once its transaction committed
+        purged += emptied
         if on_batch is not None:
-            on_batch(len(ids))
+            on_batch(emptied)
+
+
+def _purge_some(factory: sessionmaker[Session], ids: list[int], start: int) -> tuple[int, int]:
+    """Empty deliveries ``ids[start:]`` in one transaction that stops after TURN_BUDGET_SECONDS; (index reached, rows emptied)."""
+    emptied = 0
+    index = start
+    with factory.begin() as session:
+        deadline = time.monotonic() + TURN_BUDGET_SECONDS
+        while index < len(ids) and (index == start or time.monotonic() < deadline):
+            chunk = ids[index:index + PURGE_STATEMENT_ROWS]
+            index += len(chunk)
+            # purged_at IS NULL: a row another purge (the CLI beside the scheduler) emptied meanwhile keeps its time.
+            emptied += session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id.in_(chunk), WebhookDelivery.purged_at.is_(None))
+                .values(body=None, headers=None, purged_at=utcnow())
+            ).rowcount
+    return index, emptied

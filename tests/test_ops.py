@@ -234,6 +234,53 @@ def test_retention_drops_old_bodies_but_keeps_rows_and_history(ops_app, ops_db, 
     assert "purged bodies of 0 deliveries older than 90 days" in result.output
 
 
+def test_the_purge_empties_a_batch_in_transactions_that_end_once_they_have_held_the_writer_turn_for_the_budget(
+    ops_db, monkeypatch,  # noqa: ANN001
+) -> None:
+    """Every callback waits while a purge transaction holds SQLite's writer turn, so a batch is split by time.
+
+    With the budget at zero each transaction runs one statement (PURGE_STATEMENT_ROWS rows, never
+    none); with time to spare a batch is one transaction. Either way every old row is emptied and
+    counted once, and the batches report what they emptied.
+    """
+    from sqlalchemy import event, insert
+
+    from receiver import ops
+
+    engine = ops_db.kw["bind"]
+    old = utcnow() - timedelta(days=120)
+    with ops_db.begin() as s:
+        s.execute(insert(WebhookDelivery), [
+            {"received_at": old, "last_received_at": old, "body_sha256": f"{i:064x}", "outcome": "accepted",
+             "http_status": 200, "body": "{}", "headers": "{}"}
+            for i in range(2 * ops.PURGE_STATEMENT_ROWS + 5)
+        ])
+
+    def purge(budget: float, batch_size: int) -> tuple[int, int, list[int]]:
+        monkeypatch.setattr(ops, "TURN_BUDGET_SECONDS", budget)
+        commits: list[object] = []
+        batches: list[int] = []
+        listener = commits.append
+        event.listen(engine, "commit", listener)
+        try:
+            purged = ops.purge_delivery_bodies(ops_db, older_than_days=90, batch_size=batch_size, on_batch=batches.append)
+        finally:
+            event.remove(engine, "commit", listener)
+        return purged, len(commits), batches
+
+    rows = 2 * ops.PURGE_STATEMENT_ROWS + 5
+    assert purge(0.0, 500) == (rows, 3, [rows])
+    with ops_db() as s:
+        assert s.scalar(select(func.count()).select_from(WebhookDelivery).where(
+            WebhookDelivery.purged_at.is_not(None), WebhookDelivery.body.is_(None), WebhookDelivery.headers.is_(None)
+        )) == rows
+    assert purge(0.0, 500) == (0, 0, [])
+
+    with ops_db.begin() as s:
+        s.execute(WebhookDelivery.__table__.update().values(purged_at=None, body="{}", headers="{}"))
+    assert purge(60.0, 30) == (rows, 2, [30, rows - 30])
+
+
 def _metric(text_: str, name: str, labels: str = "") -> float:
     for line in text_.splitlines():
         if line.startswith(f"{name}{{{labels}}} " if labels else f"{name} "):
