@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -11,8 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .apply import apply_snapshot
 from .client import RMClient
+from .db import WRITER_TURN_BUDGET_SECONDS as TURN_BUDGET_SECONDS
 from .models import BackfillBatch, Source, utcnow
-from .snapshot import SnapshotError, snapshot_from_item
+from .snapshot import SnapshotError, VoucherSnapshot, snapshot_from_item
 from .state_machine import Outcome
 
 log = logging.getLogger(__name__)
@@ -43,9 +45,11 @@ def backfill(
     restart: bool = False,
     on_page: Callable[[str, int], None] | None = None,
 ) -> BackfillSummary:
-    """Apply every voucher of every batch (source 'backfill'); each page commits with its resume cursor.
+    """Apply every voucher of every batch (source 'backfill'); each page's last transaction commits its resume cursor.
 
-    Re-running skips completed batches and resumes a half-done one from its cursor; ``restart``
+    A page goes in transactions that each end once they have held the writer turn for
+    TURN_BUDGET_SECONDS (as a reconciliation pass does), so callbacks wait at most about that long
+    behind a backfill. Re-running skips completed batches and resumes a half-done one from its cursor; ``restart``
     forgets the progress and walks everything again (which adds no events for unchanged vouchers).
     """
     summary = BackfillSummary()
@@ -73,15 +77,40 @@ def backfill(
                 except SnapshotError as exc:
                     summary.unusable += 1
                     log.warning("backfill: unusable voucher in batch %s: %s", key, exc)
-            with factory.begin() as session:
-                for snapshot in snapshots:
-                    result = apply_snapshot(session, snapshot, source=Source.BACKFILL)
-                    if result.changed and result.outcome is not Outcome.DUPLICATE:
-                        summary.changed += 1
+            def save_progress(session: Session) -> None:
                 _save_progress(session, key, batch.get("label"), next_cursor, len(items), done=not next_cursor)
+
+            applied = 0
+            while True:
+                applied, changed = _apply_some(factory, snapshots, applied, save_progress)
+                summary.changed += changed  # only once its transaction committed
+                if applied == len(snapshots):
+                    break
             if on_page is not None:
                 on_page(key, len(items))
     return summary
+
+
+def _apply_some(
+    factory: sessionmaker[Session], snapshots: list[VoucherSnapshot], start: int, at_end: Callable[[Session], None]
+) -> tuple[int, int]:
+    """Apply ``snapshots[start:]`` in one transaction that stops after TURN_BUDGET_SECONDS; (index reached, changed).
+
+    The transaction that reaches the end of the page also runs ``at_end`` (the page's resume
+    cursor): a run stopped before it redoes the page, which adds no event for vouchers applied.
+    """
+    changed = 0
+    index = start
+    with factory.begin() as session:
+        deadline = time.monotonic() + TURN_BUDGET_SECONDS
+        while index < len(snapshots) and (index == start or time.monotonic() < deadline):
+            result = apply_snapshot(session, snapshots[index], source=Source.BACKFILL)
+            index += 1
+            if result.changed and result.outcome is not Outcome.DUPLICATE:
+                changed += 1
+        if index == len(snapshots):
+            at_end(session)
+    return index, changed
 
 
 def _save_progress(session: Session, key: str, label: str | None, cursor: str | None, seen: int, *, done: bool) -> None:

@@ -224,6 +224,62 @@ def test_backfill_resumes_after_interruption_and_is_idempotent(db, fake_rm, rm_c
         assert s.scalar(select(func.count()).select_from(VoucherEvent)) == 75
 
 
+def test_a_backfill_page_goes_in_transactions_bounded_by_the_budget_and_its_cursor_only_with_the_last(
+    db, fake_rm, rm_client, monkeypatch,  # noqa: ANN001
+) -> None:
+    """Callbacks wait while a backfill transaction holds SQLite's writer turn, so a page is split by time.
+
+    With the budget at zero every voucher is its own transaction; the page's resume cursor is
+    committed with its last one, so a run stopped inside a page redoes it without adding events.
+    """
+    from sqlalchemy import event
+
+    from receiver import backfill as backfill_module
+
+    fake_rm.page_size = 10
+    fake_rm.create_vouchers(25, batches=1)
+    engine = db.kw["bind"]
+    commits: list[object] = []
+    listener = commits.append
+    monkeypatch.setattr(backfill_module, "TURN_BUDGET_SECONDS", 0.0)
+    real_apply = backfill_module.apply_snapshot
+    applied: list[str] = []
+
+    def stop_at_the_fifteenth(session, snapshot, **kwargs):  # noqa: ANN001, ANN202
+        if len(applied) == 14:
+            raise KeyboardInterrupt
+        applied.append(snapshot.code)
+        return real_apply(session, snapshot, **kwargs)
+
+    monkeypatch.setattr(backfill_module, "apply_snapshot", stop_at_the_fifteenth)
+    event.listen(engine, "commit", listener)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backfill(db, rm_client)
+    finally:
+        event.remove(engine, "commit", listener)
+    assert len(commits) == 14  # one a voucher, the first page's cursor with its tenth
+    with db() as s:
+        assert s.scalar(select(func.count()).select_from(Voucher)) == 14
+        (progress,) = s.scalars(select(BackfillBatch))
+    assert progress.cursor == "10" and progress.completed_at is None
+
+    monkeypatch.setattr(backfill_module, "apply_snapshot", real_apply)
+    monkeypatch.setattr(backfill_module, "TURN_BUDGET_SECONDS", 60.0)
+    event.listen(engine, "commit", listener)
+    commits.clear()
+    try:
+        resumed = backfill(db, rm_client)
+    finally:
+        event.remove(engine, "commit", listener)
+    assert len(commits) == 2  # the two pages left, a transaction each
+    assert (resumed.vouchers, resumed.changed) == (15, 11)
+    with db() as s:
+        assert s.scalar(select(func.count()).select_from(Voucher)) == 25
+        assert s.scalar(select(func.count()).select_from(VoucherEvent)) == 25
+        assert s.scalars(select(BackfillBatch.completed_at)).one() is not None
+
+
 def test_memory_bounded_pipeline_keeps_order_irrelevant(db, fake_rm, rm_client) -> None:  # noqa: ANN001
     """More codes than the in-flight window: everything is checked exactly once."""
     codes = [f"W{i:04d}" for i in range(300)]
