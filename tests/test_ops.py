@@ -278,7 +278,7 @@ def test_the_purge_empties_a_batch_in_transactions_that_end_once_they_have_held_
 
     with ops_db.begin() as s:
         s.execute(WebhookDelivery.__table__.update().values(purged_at=None, body="{}", headers="{}"))
-    assert purge(60.0, 30) == (rows, 2, [30, rows - 30])
+    assert purge(60.0, 60) == (rows, 2, [60, rows - 60])
 
 
 def _metric(text_: str, name: str, labels: str = "") -> float:
