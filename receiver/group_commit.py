@@ -39,6 +39,7 @@ from .db import (
     Bound,
     WalSyncError,
     WriterTurn,
+    catch_up_before_turn,
     deferred_wal_syncs,
     is_unavailable,
     once_more_if_connection_died,
@@ -159,8 +160,10 @@ class GroupCommit:
         if self.turn is None:
             yield None
             return
-        with self.engine.connect() as conn, self.turn.hold():
-            yield conn
+        with self.engine.connect() as conn:
+            catch_up_before_turn(self.engine, conn)
+            with self.turn.hold():
+                yield conn
 
     def _hand_over(self) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -126,3 +127,67 @@ def test_checkpointer_never_creates_a_database_that_has_gone(tmp_path: Path) -> 
         time.sleep(0.01)
     assert not checkpointer.running()
     assert not gone.exists()
+
+
+def test_a_writer_due_to_restart_the_wal_copies_it_before_taking_the_turn(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The copy a WAL restart needs runs before the writer turn is taken; in the turn only what came in between is left.
+
+    In the turn, that checkpoint held every other writer for 30-75 ms while a retention purge
+    rewrote rows (docs/performance.md). Both kinds of writer do it: a session's ``begin()`` and a
+    group of callbacks.
+    """
+    from receiver.db import make_session_factory, writer_turn
+    from receiver.group_commit import GroupCommit
+    from tests.support import migrate, verified_callback
+
+    path = tmp_path / "t.db"
+    migrate(f"sqlite:///{path}")
+    engine, checkpointer = _blobs_database(path, interval=60.0)  # the thread copies once, then sleeps
+    turn = writer_turn(engine)
+    assert turn is not None
+    held = threading.Event()
+    real_hold = turn.hold
+
+    def hold():  # noqa: ANN202
+        with real_hold():
+            held.set()
+            try:
+                yield
+            finally:
+                held.clear()
+
+    monkeypatch.setattr(turn, "hold", contextlib.contextmanager(hold))
+    checkpoints: list[bool] = []  # for each checkpoint a writer ran: was the turn held?
+
+    @event.listens_for(engine, "connect")
+    def _trace(dbapi_connection, _record) -> None:  # noqa: ANN001
+        dbapi_connection.set_trace_callback(
+            lambda sql: checkpoints.append(held.is_set()) if sql.startswith("PRAGMA wal_checkpoint") else None
+        )
+
+    engine.dispose()  # the pool's connections are made anew, traced
+    deadline = time.monotonic() + 10
+    while checkpointer.checkpoints < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    def frames_left_to_copy() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO blobs VALUES (:b)"), [{"b": os.urandom(PAGE)} for _ in range(300)])
+        checkpoints.clear()
+        checkpointer.restart_due = True
+
+    frames_left_to_copy()
+    with make_session_factory(engine).begin() as session:
+        session.execute(text("INSERT INTO blobs VALUES (x'00')"))
+    assert checkpoints == [False, True], "copied before the turn, then the rest (nothing) in it"
+    assert not checkpointer.restart_due
+
+    frames_left_to_copy()
+    GroupCommit(engine, turn=turn).submit(*verified_callback("CKPT-1", "VALID", 0))
+    assert checkpoints == [False, True]
+
+    checkpoints.clear()  # not due: no checkpoint at all on the writer's way in
+    with make_session_factory(engine).begin() as session:
+        session.execute(text("INSERT INTO blobs VALUES (x'01')"))
+    assert checkpoints == []
+    engine.dispose()
