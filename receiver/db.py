@@ -362,10 +362,10 @@ class Checkpointer:
     A writer restarts the WAL from its start only if its transaction began after a checkpoint had
     copied every frame, and under steady writes the next transaction has nearly always begun
     before a checkpoint outside the turn ends, so the WAL would grow without end. Once the WAL
-    holds ``restart_frames`` frames, the next transaction to begin therefore first runs one more
-    checkpoint itself (``before_begin``): it has only the frames since the last one to copy, and
-    when it ran under the writer turn nothing can have been committed in between, so that
-    transaction restarts the WAL. The thread starts on the first nudge in each process and ends
+    holds ``restart_frames`` frames, the next writer therefore runs one more checkpoint before it
+    takes the turn (``before_turn``), and another as its transaction begins (``before_begin``):
+    that one has only the frames committed in between to copy, and as it runs under the writer
+    turn nothing can be committed after it, so that transaction restarts the WAL. The thread starts on the first nudge in each process and ends
     after ``idle`` seconds without one.
     """
 
