@@ -49,8 +49,9 @@ def backfill(
 
     A page goes in transactions that each end once they have held the writer turn for
     TURN_BUDGET_SECONDS (as a reconciliation pass does), so callbacks wait at most about that long
-    behind a backfill. Re-running skips completed batches and resumes a half-done one from its cursor; ``restart``
-    forgets the progress and walks everything again (which adds no events for unchanged vouchers).
+    behind a backfill. Re-running skips completed batches and resumes a half-done one from its
+    cursor; ``restart`` forgets the progress and walks everything again (which adds no events for
+    unchanged vouchers).
     """
     summary = BackfillSummary()
     if restart:

@@ -47,8 +47,8 @@ _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 _checkpointers: "weakref.WeakKeyDictionary[Engine, Checkpointer]" = weakref.WeakKeyDictionary()
 
-# How long a background writer's transaction (a reconciliation pass, the retention purge) may hold
-# the writer turn before it commits and lets the callbacks waiting for the turn go first.
+# How long a background writer's transaction (a reconciliation pass, a backfill page, the
+# retention purge) may hold the writer turn before it commits and lets waiting callbacks go first.
 WRITER_TURN_BUDGET_SECONDS = 0.005
 
 # One writer turn per SQLite file engine, shared by every writer of the process (group commit, sessions).
@@ -365,8 +365,8 @@ class Checkpointer:
     holds ``restart_frames`` frames, the next writer therefore runs one more checkpoint before it
     takes the turn (``before_turn``), and another as its transaction begins (``before_begin``):
     that one has only the frames committed in between to copy, and as it runs under the writer
-    turn nothing can be committed after it, so that transaction restarts the WAL. The thread starts on the first nudge in each process and ends
-    after ``idle`` seconds without one.
+    turn nothing can be committed after it, so that transaction restarts the WAL. The thread
+    starts on the first nudge in each process and ends after ``idle`` seconds without one.
     """
 
     def __init__(
