@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -12,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .apply import apply_snapshot
 from .client import RMClient
-from .db import WRITER_TURN_BUDGET_SECONDS as TURN_BUDGET_SECONDS
+from .db import WRITER_TURN_BUDGET_SECONDS as TURN_BUDGET_SECONDS, turn_budget
 from .models import BackfillBatch, Source, utcnow
 from .snapshot import SnapshotError, VoucherSnapshot, snapshot_from_item
 from .state_machine import Outcome
@@ -103,8 +102,8 @@ def _apply_some(
     changed = 0
     index = start
     with factory.begin() as session:
-        deadline = time.monotonic() + TURN_BUDGET_SECONDS
-        while index < len(snapshots) and (index == start or time.monotonic() < deadline):
+        more = turn_budget(TURN_BUDGET_SECONDS)
+        while index < len(snapshots) and more():
             result = apply_snapshot(session, snapshots[index], source=Source.BACKFILL)
             index += 1
             if result.changed and result.outcome is not Outcome.DUPLICATE:

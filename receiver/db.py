@@ -51,6 +51,25 @@ _checkpointers: "weakref.WeakKeyDictionary[Engine, Checkpointer]" = weakref.Weak
 # retention purge) may hold the writer turn before it commits and lets waiting callbacks go first.
 WRITER_TURN_BUDGET_SECONDS = 0.005
 
+
+def turn_budget(seconds: float) -> Callable[[], bool]:
+    """For one background writer's transaction: a test that allows its first step, then more until ``seconds`` have passed.
+
+    Always one step, so a writer whose steps each take longer than the budget still advances.
+    """
+    deadline = time.monotonic() + seconds
+    first = True
+
+    def more() -> bool:
+        nonlocal first
+        if first:
+            first = False
+            return True
+        return time.monotonic() < deadline
+
+    return more
+
+
 # One writer turn per SQLite file engine, shared by every writer of the process (group commit, sessions).
 _turns: "weakref.WeakKeyDictionary[Engine, WriterTurn]" = weakref.WeakKeyDictionary()
 

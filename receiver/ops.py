@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .db import WRITER_TURN_BUDGET_SECONDS as TURN_BUDGET_SECONDS
+from .db import WRITER_TURN_BUDGET_SECONDS as TURN_BUDGET_SECONDS, turn_budget
 from .models import Voucher, VoucherEvent, WebhookDelivery, utcnow
 
 # Rows emptied per statement: between statements the purge checks whether its transaction has
@@ -152,8 +151,8 @@ def _purge_some(factory: sessionmaker[Session], ids: list[int], start: int) -> t
     emptied = 0
     index = start
     with factory.begin() as session:
-        deadline = time.monotonic() + TURN_BUDGET_SECONDS
-        while index < len(ids) and (index == start or time.monotonic() < deadline):
+        more = turn_budget(TURN_BUDGET_SECONDS)
+        while index < len(ids) and more():
             chunk = ids[index:index + PURGE_STATEMENT_ROWS]
             index += len(chunk)
             # purged_at IS NULL: a row another purge (the CLI beside the scheduler) emptied meanwhile keeps its time.

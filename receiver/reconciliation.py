@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .apply import apply_snapshot, record_not_found
 from .client import RMClient, RMError, RMNotFound
-from .db import WRITER_TURN_BUDGET_SECONDS, is_unavailable
+from .db import WRITER_TURN_BUDGET_SECONDS, is_unavailable, turn_budget
 from .models import ReconcileRun, Source, Voucher, utcnow
 from .snapshot import SnapshotError, VoucherSnapshot, snapshot_from_item
 from .state_machine import FINAL_STATUSES, Outcome
@@ -243,8 +243,8 @@ class Reconciler:
         done: Counter[str] = Counter()  # counted only if the transaction commits
         index = start
         with self.factory.begin() as session:
-            deadline = time.monotonic() + TURN_BUDGET_SECONDS
-            while index < len(usable) and (index == start or time.monotonic() < deadline):
+            more = turn_budget(TURN_BUDGET_SECONDS)
+            while index < len(usable) and more():
                 code, snapshot = usable[index]
                 index += 1
                 if not isolate:
