@@ -124,6 +124,7 @@ def make_engine(
             connect_args={"connect_timeout": 5, "application_name": "rm-voucher-sync"},
         )
         _ping_when_idle(engine)
+        _begin_before_other_statements(engine)
     _engines.add(engine)
     return engine
 
@@ -730,13 +731,55 @@ Bound = tuple[_Compiled, tuple]
 
 @contextlib.contextmanager
 def transaction_on(bind: Engine | Connection) -> Iterator[Connection]:
-    """``engine.begin()``; on a Connection already checked out, a transaction on that connection."""
+    """``engine.begin()``; on a Connection already checked out, a transaction on that connection.
+
+    On PostgreSQL an engine's transaction sends its BEGIN with its first statements (begin_with_first_statements).
+    """
     if isinstance(bind, Connection):
         with bind.begin():
             yield bind
-    else:
-        with bind.begin() as conn:
+        return
+    with bind.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            begin_with_first_statements(conn)
+        with conn.begin():
             yield conn
+
+
+# Execution option of a PostgreSQL Connection whose transactions send BEGIN with their first statements.
+_BEGIN_WITH_FIRST = "rmvs_begin_with_first_statements"
+# psycopg.pq.TransactionStatus.IDLE (an IntEnum): the server has no transaction open on the connection.
+_PG_IDLE = 0
+
+
+def begin_with_first_statements(conn: Connection) -> None:
+    """PostgreSQL: this connection's transactions send BEGIN together with their first statements.
+
+    psycopg sends a transaction's BEGIN on its own and waits for the answer before the first
+    statement, even in pipeline mode: a round trip that carries nothing. Here the driver is put in
+    autocommit mode (SQLAlchemy puts it back when the connection returns to the pool) and the
+    BEGIN is sent by us, in the same pipeline as the first statements (``pipelined``, Direct),
+    or just before the first statement of any other kind (a cursor event of every PostgreSQL
+    engine), so no statement ever runs outside the transaction. COMMIT and ROLLBACK are psycopg's
+    own: they act on the transaction the server has open, autocommit or not.
+    """
+    conn.execution_options(isolation_level="AUTOCOMMIT", **{_BEGIN_WITH_FIRST: True})
+
+
+def _begin_pending(conn: Connection) -> bool:
+    """Whether this transaction's BEGIN is still to be sent (begin_with_first_statements)."""
+    return bool(conn.get_execution_options().get(_BEGIN_WITH_FIRST)) and (
+        conn.connection.driver_connection.info.transaction_status == _PG_IDLE
+    )
+
+
+def _begin_before_other_statements(engine: Engine) -> None:
+    """A statement that is not a Direct one, first in its transaction, has the BEGIN sent before it."""
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _begin_first(conn, cursor, _statement, _parameters, _context, _executemany) -> None:  # noqa: ANN001
+        if _begin_pending(conn):
+            cursor.execute("BEGIN")
 
 
 class Direct:
@@ -797,6 +840,8 @@ class Direct:
 
     def run_bound(self, conn: Connection, bound: Bound) -> list[tuple]:
         """``rows`` with the arguments ``bind`` made for ``conn``'s dialect."""
+        if _begin_pending(conn):
+            return _send_together(conn, [bound], begin=True)[0]
         compiled, args = bound
         cursor = conn.connection.cursor()
         try:
@@ -824,24 +869,33 @@ def _fetch(compiled: _Compiled, cursor: Any) -> list[tuple]:
 def pipelined(conn: Connection, calls: Sequence[tuple[Direct, Mapping[str, Any]]]) -> list[list[tuple]]:
     """PostgreSQL: run Direct statements in order in one round trip (psycopg's pipeline mode); each one's rows.
 
-    Only for statements whose parameters do not depend on each other's results. (psycopg waits
-    for a transaction's BEGIN on its own, before the pipeline's statements.) An error in any
+    Only for statements whose parameters do not depend on each other's results. A transaction's
+    BEGIN still to be sent goes with them (begin_with_first_statements). An error in any
     statement aborts the transaction and is raised as Direct.rows raises it.
     """
-    if len(calls) < 2:
+    begin = _begin_pending(conn)
+    if len(calls) < 2 and not begin:
         # Nothing to send together; pipeline mode would only add its own cost.
         return [statement.rows(conn, params) for statement, params in calls]
+    return _send_together(conn, [statement.prepare(conn, params) for statement, params in calls], begin=begin)
+
+
+def _send_together(conn: Connection, prepared: Sequence[Bound], *, begin: bool) -> list[list[tuple]]:
+    """``pipelined`` with the statements bound, BEGIN first if ``begin``."""
     driver = conn.connection.driver_connection
-    prepared = [statement.prepare(conn, params) for statement, params in calls]
     cursors: list[Any] = []
-    sql, args = prepared[0][0].sql, prepared[0][1]
+    sql, args = "BEGIN", None
     try:
         with driver.pipeline():
+            if begin:
+                cursors.append(driver.cursor())
+                cursors[-1].execute(sql)
             for compiled, args in prepared:
                 sql = compiled.sql
                 cursors.append(driver.cursor())
                 cursors[-1].execute(sql, args)
-        return [_fetch(compiled, cursor) for (compiled, _args), cursor in zip(prepared, cursors)]
+        statements = cursors[1:] if begin else cursors
+        return [_fetch(compiled, cursor) for (compiled, _args), cursor in zip(prepared, statements)]
     except Exception as error:  # noqa: BLE001 - SQLAlchemy wraps it (and invalidates a dead connection)
         # Which statement failed is not known here; the error names the last one sent.
         conn._handle_dbapi_exception(error, sql, args, cursors[-1] if cursors else None, None)

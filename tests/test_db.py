@@ -90,6 +90,58 @@ def test_direct_statement_error_is_wrapped_and_a_dead_connection_is_invalidated(
         engine.dispose()
 
 
+@pytest.mark.postgres
+def test_a_transaction_that_sends_begin_with_its_first_statements_is_still_one_transaction(pg_url) -> None:  # noqa: ANN001
+    """transaction_on's BEGIN rides with the first statements, whichever kind they are; all or nothing as before.
+
+    And the pooled connection goes back as it came: psycopg sends its own BEGIN again.
+    """
+    engine = db_module.make_engine(pg_url, pool_size=1)
+    insert = db_module.Direct(text("INSERT INTO t (v) VALUES (:v) RETURNING v"))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (v int PRIMARY KEY)"))
+
+        def rows() -> list[int]:
+            with engine.connect() as conn:
+                return list(conn.scalars(text("SELECT v FROM t ORDER BY v")))
+
+        for first in ("direct", "pipelined", "plain"):
+            with pytest.raises(RuntimeError), db_module.transaction_on(engine) as conn:
+                driver = conn.connection.driver_connection
+                if first == "direct":
+                    assert insert.first(conn, {"v": 1}) == (1,)
+                elif first == "pipelined":
+                    assert db_module.pipelined(conn, [(insert, {"v": 1}), (insert, {"v": 2})]) == [[(1,)], [(2,)]]
+                else:
+                    conn.execute(text("INSERT INTO t (v) VALUES (1)"))
+                # The statements ran in a transaction the server has open, though the driver is in autocommit.
+                assert driver.autocommit and driver.info.transaction_status != 0
+                raise RuntimeError("roll it back")
+            assert rows() == [], first  # nothing ran outside the transaction
+
+        with db_module.transaction_on(engine) as conn:
+            db_module.pipelined(conn, [(insert, {"v": 3}), (insert, {"v": 4})])
+            assert insert.first(conn, {"v": 5}) == (5,)
+        assert rows() == [3, 4, 5]
+
+        # A failed statement rolls back what the transaction did before it, BEGIN included.
+        with pytest.raises(Exception) as caught, db_module.transaction_on(engine) as conn:
+            db_module.pipelined(conn, [(insert, {"v": 6}), (insert, {"v": 3})])
+        assert "duplicate key" in str(caught.value)
+        assert rows() == [3, 4, 5]
+
+        with engine.connect() as conn:  # the same pooled connection, given back in its own mode
+            driver = conn.connection.driver_connection
+            assert not driver.autocommit
+            conn.execute(text("INSERT INTO t (v) VALUES (7)"))
+            assert driver.info.transaction_status != 0  # psycopg's own BEGIN
+            conn.rollback()
+        assert rows() == [3, 4, 5]
+    finally:
+        engine.dispose()
+
+
 def test_reads_of_an_sqlite_file_do_not_wait_for_another_processs_write(tmp_path, vectors) -> None:  # noqa: ANN001
     """Health probes, metrics scrapes, operators' queries and the due list read while another process holds the write lock.
 
