@@ -41,8 +41,10 @@ class GunicornServer:
     tests.support.gunicorn_server does, so a developer's .env never leaks in), plus ``env``.
     """
 
-    def __init__(self, app: str, env: dict[str, str], workdir: Path, label: str) -> None:
+    def __init__(self, app: str, env: dict[str, str], workdir: Path, label: str, code: Path = ROOT) -> None:
+        """``code``: the checkout whose receiver/ and gunicorn.conf.py to run (default: this one)."""
         self.app = app
+        self.code = code
         self.env = env
         self.workdir = workdir
         self.label = label
@@ -60,10 +62,10 @@ class GunicornServer:
             if not k.startswith(("RM_", "DATABASE_URL", "OPS_", "WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR"))
         }
         full_env.update(self.env)
-        full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "scripts")])
+        full_env["PYTHONPATH"] = os.pathsep.join([str(self.code), str(ROOT / "scripts")])
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", self.app, "-c", str(ROOT / "gunicorn.conf.py"),
+            [sys.executable, "-m", "gunicorn", self.app, "-c", str(self.code / "gunicorn.conf.py"),
              "--bind", f"127.0.0.1:{self.port}"],
             cwd=str(self.workdir), env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
