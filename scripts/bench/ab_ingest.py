@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--pg-url", default=DEFAULT_PG)
     parser.add_argument("--slices", type=int, default=8, help="slice pairs (each server runs once per pair)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one slice")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="untimed load on a server just before each of its slices (its caches and pool warm again)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rate-guess", type=float, default=2500.0,
                         help="requests signed per server and second of load (more than either serves)")
@@ -86,7 +88,7 @@ def main() -> int:
         code, name = checkout(rev or None, workdir)
         specs.append((f"{chr(ord('A') + index)}: {app} @ {name}", APPS[app], code, f"ab{index}"))
 
-    per_slice = int(args.rate_guess * args.seconds)
+    per_slice = int(args.rate_guess * (args.seconds + args.settle))
     log(f"signing {2 * (args.slices + 1) * per_slice:,} distinct callbacks (not timed)")
     records = signed_records(2 * (args.slices + 1) * per_slice)
     chunks = [records[i * per_slice:(i + 1) * per_slice] for i in range(2 * (args.slices + 1))]
@@ -103,24 +105,31 @@ def main() -> int:
         try:
             for (label, app, code, tag), db in zip(specs, (db_a, db_b)):
                 servers.append(GunicornServer(app, {**env, "DATABASE_URL": db.url}, workdir, tag, code=code).__enter__())
+
             def drive(which: int, chunk: list) -> loadgen.PhaseResult:
-                path = workdir / f"requests-{which}.txt"
-                write_request_file(path, chunk)
                 server = servers[which]
+                settle = int(args.rate_guess * args.settle)
+                if settle:
+                    wrk(which, chunk[:settle], args.settle)
                 workers = server.workers()
                 ctx = cpu.context_switches(workers)
-                try:
-                    result = loadgen.run_wrk(server.base, path, connections=args.connections, threads=1,
-                                             duration=args.seconds, wrap=False, server_pid=server.proc.pid,
-                                             label=specs[which][0])
-                finally:
-                    path.unlink()
+                result = wrk(which, chunk[settle:], args.seconds)
                 if result.exhausted:
                     sys.exit("a request file ran out: raise --rate-guess")
                 after = cpu.context_switches(workers)
                 answered = sum(result.statuses.values()) or 1
                 result.extra["voluntary"] = (after[0] - ctx[0]) / answered
                 return result
+
+            def wrk(which: int, chunk: list, seconds: float) -> loadgen.PhaseResult:
+                path = workdir / f"requests-{which}.txt"
+                write_request_file(path, chunk)
+                try:
+                    return loadgen.run_wrk(servers[which].base, path, connections=args.connections, threads=1,
+                                           duration=seconds, wrap=False, server_pid=servers[which].proc.pid,
+                                           label=specs[which][0])
+                finally:
+                    path.unlink()
 
             # Warm-up: connections, prepared statements, the first pages of every index.
             drive(0, chunks[0])
@@ -142,7 +151,8 @@ def main() -> int:
                 shutil.rmtree(workdir, ignore_errors=True)
 
     log("")
-    log(f"{args.db}, {args.slices} pairs of {args.seconds:g} s slices, wrk -c{args.connections}, "
+    log(f"{args.db}, {args.slices} pairs of {args.seconds:g} s slices (each after {args.settle:g} s untimed), "
+        f"wrk -c{args.connections}, "
         f"{env['WEB_CONCURRENCY']} workers")
     for which, (label, *_rest) in enumerate(specs):
         rs = results[which]
