@@ -673,8 +673,14 @@ _READ_ONLY = "rmvs_read_only"
 
 
 def reading(engine: Engine) -> Engine:
-    """``engine`` for transactions that only read (same pool): on SQLite they take no write lock."""
-    return engine.execution_options(**{_READ_ONLY: True})
+    """``engine`` for transactions that only read (same pool): on SQLite they take no write lock.
+
+    Made once per engine: /readyz asks for it on every probe.
+    """
+    reader = engine.__dict__.get("_rmvs_reader")
+    if reader is None:
+        reader = engine.__dict__["_rmvs_reader"] = engine.execution_options(**{_READ_ONLY: True})
+    return reader
 
 
 def writer_turn(engine: Engine) -> WriterTurn | None:

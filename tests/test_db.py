@@ -223,5 +223,7 @@ def test_a_reading_session_of_an_sqlite_file_cannot_write(tmp_path) -> None:  # 
         with sessions() as session:
             assert session.execute(select(SchedulerLease.holder)).scalar_one() == "h"
         assert sqlite3.connect(path).execute("SELECT count(*) FROM scheduler_leases").fetchone() == (1,)
+        # One reading engine per engine, whoever asks (the sessions, every /readyz probe): not one per call.
+        assert db_module.reading(engine) is sessions.reader is db_module.reading(engine)
     finally:
         engine.dispose()
