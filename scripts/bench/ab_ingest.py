@@ -17,6 +17,7 @@ migrations, so both revisions must share a schema.
 
     .venv/bin/python scripts/bench/ab_ingest.py project@bd95b1d project@HEAD [--db postgresql] [--slices 8] [--seconds 4]
     .venv/bin/python scripts/bench/ab_ingest.py minimal project [--db sqlite]
+    .venv/bin/python scripts/bench/ab_ingest.py project project --env-b LOG_LEVEL=WARNING
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rate-guess", type=float, default=2500.0,
                         help="requests signed per server and second of load (more than either serves)")
+    parser.add_argument("--env-a", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for server A only (repeatable), e.g. WEB_THREADS=4")
+    parser.add_argument("--env-b", action="append", default=[], metavar="NAME=VALUE", help="the same for server B")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     if not loadgen.wrk_path():
@@ -86,7 +90,9 @@ def main() -> int:
         if app not in APPS:
             sys.exit(f"unknown app {app!r}: one of {', '.join(APPS)}")
         code, name = checkout(rev or None, workdir)
-        specs.append((f"{chr(ord('A') + index)}: {app} @ {name}", APPS[app], code, f"ab{index}"))
+        extra = dict(item.split("=", 1) for item in (args.env_a, args.env_b)[index])
+        shown = "".join(f" {k}={v}" for k, v in extra.items())
+        specs.append((f"{chr(ord('A') + index)}: {app} @ {name}{shown}", APPS[app], code, f"ab{index}", extra))
 
     per_slice = int(args.rate_guess * (args.seconds + args.settle))
     log(f"signing {2 * (args.slices + 1) * per_slice:,} distinct callbacks (not timed)")
@@ -103,8 +109,10 @@ def main() -> int:
     with Database(args.db, specs[0][3], args, workdir) as db_a, Database(args.db, specs[1][3], args, workdir) as db_b:
         servers = []
         try:
-            for (label, app, code, tag), db in zip(specs, (db_a, db_b)):
-                servers.append(GunicornServer(app, {**env, "DATABASE_URL": db.url}, workdir, tag, code=code).__enter__())
+            for (_label, app, code, tag, extra), db in zip(specs, (db_a, db_b)):
+                servers.append(
+                    GunicornServer(app, {**env, **extra, "DATABASE_URL": db.url}, workdir, tag, code=code).__enter__()
+                )
 
             def drive(which: int, chunk: list) -> loadgen.PhaseResult:
                 server = servers[which]
