@@ -65,19 +65,35 @@ def test_nothing_secret_reaches_the_logs(settings_env, fake_rm, vectors, rm_sign
     assert "[redacted key]" in output and "sha256 [redacted]" in output and "Bearer [redacted]" in output
 
 
-def test_json_lines_carry_request_ids(settings_env, rm_signer, capsys) -> None:  # noqa: ANN001
+def test_json_lines_carry_request_ids_and_accepted_callbacks_log_only_at_debug(settings_env, rm_signer, capsys) -> None:  # noqa: ANN001
+    """Every line of a request has its id. At INFO a plain accepted callback writes no line (its row is the
+    record); a redelivery does. At DEBUG the accepted one is logged too."""
+    body = callback_body(voucher_item("RID1", "ISSUE"))
     app = create_app(load_settings({**settings_env, "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}))
     try:
         client = app.test_client()
-        body = callback_body(voucher_item("RID1", "ISSUE"))
         response = client.post(CALLBACK_PATH, data=body, headers={**rm_signer.headers(body), "X-Request-Id": "req-42"})
-        generated = client.post(CALLBACK_PATH, data=body, headers=rm_signer.headers(body))
+        again = client.post(CALLBACK_PATH, data=body, headers=rm_signer.headers(body))
+    finally:
+        app.extensions["rm_voucher_sync"].engine.dispose()
+    assert response.headers["X-Request-Id"] == "req-42"
+    assert response.json == {"status": "accepted"} and again.json == {"status": "duplicate"}
+    assert len(again.headers["X-Request-Id"]) == 32
+    entries = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert not [e for e in entries if e["message"].startswith("callback accepted")]
+    duplicate = [e for e in entries if e["message"].startswith("callback duplicate")]
+    assert len(duplicate) == 1 and duplicate[0]["level"] == "INFO"
+    assert duplicate[0]["request_id"] == again.headers["X-Request-Id"] and duplicate[0]["voucher_code"] == "RID1"
+    assert {"ts", "level", "logger", "message"} <= duplicate[0].keys()
+
+    body = callback_body(voucher_item("RID2", "ISSUE"))
+    app = create_app(load_settings({**settings_env, "LOG_LEVEL": "DEBUG", "LOG_FORMAT": "json"}))
+    try:
+        app.test_client().post(CALLBACK_PATH, data=body, headers={**rm_signer.headers(body), "X-Request-Id": "req-43"})
     finally:
         app.extensions["rm_voucher_sync"].engine.dispose()
         logs.configure("WARNING")
-    assert response.headers["X-Request-Id"] == "req-42"
-    assert len(generated.headers["X-Request-Id"]) == 32
     entries = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     accepted = [e for e in entries if e["message"].startswith("callback accepted")]
-    assert accepted and accepted[0]["request_id"] == "req-42" and accepted[0]["voucher_code"] == "RID1"
-    assert {"ts", "level", "logger", "message"} <= accepted[0].keys()
+    assert len(accepted) == 1 and accepted[0]["level"] == "DEBUG"
+    assert accepted[0]["request_id"] == "req-43" and accepted[0]["voucher_code"] == "RID2"
