@@ -164,7 +164,7 @@ def voucher_callback() -> tuple[Response, int]:
         return _failure(incoming, snapshot, exc)
 
     # An accepted callback is a row in webhook_deliveries already; its log line, at INFO, cost ~80 us
-    # of CPU a callback under load and 11-16 % of PostgreSQL throughput (docs/performance.md).
+    # of CPU a callback under load and 11-26 % of the saturated throughput (docs/performance.md).
     # What is worth a look (a redelivery, a stale or otherwise unusual outcome) stays at INFO.
     log.log(
         logging.DEBUG if result.status is DeliveryOutcome.ACCEPTED else logging.INFO,
