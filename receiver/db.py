@@ -369,6 +369,19 @@ def deferred_wal_syncs() -> Iterator[Callable[[], None]]:
                 wal_sync.flush()
 
 
+def _passive_checkpoint(dbapi_connection: sqlite3.Connection, when: str) -> bool:
+    """One PASSIVE checkpoint on a writer's connection; False (and a warning) if it failed.
+
+    Housekeeping: a failure must not fail the writer it runs for.
+    """
+    try:
+        dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    except sqlite3.Error as error:
+        log.warning("sqlite checkpoint %s failed: %s", when, error)
+        return False
+    return True
+
+
 class Checkpointer:
     """Checkpoints an SQLite file's WAL on a thread of its own, so that commits do not wait for the bulk of a checkpoint.
 
@@ -420,21 +433,15 @@ class Checkpointer:
         here, outside the turn, it leaves that one only what is committed in between.
         """
         if self.restart_due:
-            try:
-                dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error as error:  # housekeeping; before_begin tries again in the turn
-                log.warning("sqlite checkpoint before a writer turn failed: %s", error)
+            # If it fails, before_begin tries again in the turn.
+            _passive_checkpoint(dbapi_connection, "before a writer turn")
 
     def before_begin(self, dbapi_connection: sqlite3.Connection) -> None:
         """Called as a transaction begins: the checkpoint that lets it restart the WAL, when one is due."""
         if self.restart_due:
             self.restart_due = False
-            try:
-                dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error as error:  # housekeeping: it must not fail the transaction it precedes
-                log.warning("sqlite checkpoint before a transaction failed: %s", error)
-                return
-            self.before_begins += 1
+            if _passive_checkpoint(dbapi_connection, "before a transaction"):
+                self.before_begins += 1
 
     def after_fork(self) -> None:
         """Forget the parent's thread (a forked child has none) and a lock it may have held."""
