@@ -897,7 +897,8 @@ def _send_together(conn: Connection, prepared: Sequence[Bound], *, begin: bool) 
     """``pipelined`` with the statements bound, BEGIN first if ``begin``."""
     driver = conn.connection.driver_connection
     cursors: list[Any] = []
-    sql, args = "BEGIN", None
+    # What an error names if it comes before any statement is sent.
+    sql, args = ("BEGIN", None) if begin else (prepared[0][0].sql, prepared[0][1])
     try:
         with driver.pipeline():
             if begin:
