@@ -150,8 +150,9 @@ def main() -> int:
                 log(f"  pair {pair + 1}: A {a.rate:7.1f} req/s, B {b.rate:7.1f} req/s, B/A {b.rate / a.rate:.3f}"
                     f"  (first: {'AB'[order[0]]})")
             for server in servers:
-                if server.log_errors():
-                    log(f"  errors in {server.label}'s log: {server.log_errors()[:3]}")
+                errors = server.log_errors()
+                if errors:
+                    log(f"  errors in {server.label}'s log: {errors[:3]}")
         finally:
             for server in servers:
                 server.__exit__(None, None, None)
