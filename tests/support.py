@@ -251,6 +251,20 @@ def gunicorn_server(env: dict[str, str], *, workers: int = 4) -> Iterator[str]:
         server.stop()
 
 
+@contextmanager
+def counting_commits(engine: Any) -> Iterator[list[object]]:
+    """The engine's commits while the block runs, one entry each (SQLAlchemy's "commit" event)."""
+    from sqlalchemy import event
+
+    commits: list[object] = []
+    listener = commits.append
+    event.listen(engine, "commit", listener)
+    try:
+        yield commits
+    finally:
+        event.remove(engine, "commit", listener)
+
+
 def terminate_backends(admin_url: str, url: str) -> int:
     """End every server process connected to ``url``'s database, as a PostgreSQL restart would; how many."""
     from sqlalchemy import create_engine, text

@@ -243,9 +243,10 @@ def test_the_purge_empties_a_batch_in_transactions_that_end_once_they_have_held_
     none); with time to spare a batch is one transaction. Either way every old row is emptied and
     counted once, and the batches report what they emptied.
     """
-    from sqlalchemy import event, insert
+    from sqlalchemy import insert
 
     from receiver import ops
+    from tests.support import counting_commits
 
     engine = ops_db.kw["bind"]
     old = utcnow() - timedelta(days=120)
@@ -258,14 +259,9 @@ def test_the_purge_empties_a_batch_in_transactions_that_end_once_they_have_held_
 
     def purge(budget: float, batch_size: int) -> tuple[int, int, list[int]]:
         monkeypatch.setattr(ops, "TURN_BUDGET_SECONDS", budget)
-        commits: list[object] = []
         batches: list[int] = []
-        listener = commits.append
-        event.listen(engine, "commit", listener)
-        try:
+        with counting_commits(engine) as commits:
             purged = ops.purge_delivery_bodies(ops_db, older_than_days=90, batch_size=batch_size, on_batch=batches.append)
-        finally:
-            event.remove(engine, "commit", listener)
         return purged, len(commits), batches
 
     rows = 2 * ops.PURGE_STATEMENT_ROWS + 5

@@ -13,7 +13,7 @@ from receiver.models import BackfillBatch, ReconcileRun, Source, Voucher, Vouche
 from receiver.reconciliation import reconcile_codes, reconcile_due
 from receiver.snapshot import parse_rm_time, snapshot_from_item
 from receiver.state_machine import FINAL_STATUSES
-from tests.support import CALLBACK_PATH, gunicorn_server, while_another_writer_has_the_turn
+from tests.support import CALLBACK_PATH, counting_commits, gunicorn_server, while_another_writer_has_the_turn
 
 
 def _state(db) -> dict[str, tuple[str, int, bool]]:  # noqa: ANN001
@@ -232,15 +232,11 @@ def test_a_backfill_page_goes_in_transactions_bounded_by_the_budget_and_its_curs
     With the budget at zero every voucher is its own transaction; the page's resume cursor is
     committed with its last one, so a run stopped inside a page redoes it without adding events.
     """
-    from sqlalchemy import event
-
     from receiver import backfill as backfill_module
 
     fake_rm.page_size = 10
     fake_rm.create_vouchers(25, batches=1)
     engine = db.kw["bind"]
-    commits: list[object] = []
-    listener = commits.append
     monkeypatch.setattr(backfill_module, "TURN_BUDGET_SECONDS", 0.0)
     real_apply = backfill_module.apply_snapshot
     applied: list[str] = []
@@ -252,12 +248,8 @@ def test_a_backfill_page_goes_in_transactions_bounded_by_the_budget_and_its_curs
         return real_apply(session, snapshot, **kwargs)
 
     monkeypatch.setattr(backfill_module, "apply_snapshot", stop_at_the_fifteenth)
-    event.listen(engine, "commit", listener)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            backfill(db, rm_client)
-    finally:
-        event.remove(engine, "commit", listener)
+    with counting_commits(engine) as commits, pytest.raises(KeyboardInterrupt):
+        backfill(db, rm_client)
     assert len(commits) == 14  # one a voucher, the first page's cursor with its tenth
     with db() as s:
         assert s.scalar(select(func.count()).select_from(Voucher)) == 14
@@ -266,12 +258,8 @@ def test_a_backfill_page_goes_in_transactions_bounded_by_the_budget_and_its_curs
 
     monkeypatch.setattr(backfill_module, "apply_snapshot", real_apply)
     monkeypatch.setattr(backfill_module, "TURN_BUDGET_SECONDS", 60.0)
-    event.listen(engine, "commit", listener)
-    commits.clear()
-    try:
+    with counting_commits(engine) as commits:
         resumed = backfill(db, rm_client)
-    finally:
-        event.remove(engine, "commit", listener)
     assert len(commits) == 2  # the two pages left, a transaction each
     assert (resumed.vouchers, resumed.changed) == (15, 11)
     with db() as s:
@@ -391,21 +379,14 @@ def test_a_chunk_is_applied_in_transactions_that_end_once_they_have_held_the_wri
     advances); with time to spare the chunk is one transaction. Either way each voucher is applied
     and counted exactly once.
     """
-    from sqlalchemy import event
-
     from receiver import reconciliation
 
     engine = db.kw["bind"]
 
     def apply_chunk(codes: list[str], budget: float) -> tuple[int, reconciliation.ReconcileSummary]:
         monkeypatch.setattr(reconciliation, "TURN_BUDGET_SECONDS", budget)
-        commits: list[object] = []
-        listener = commits.append
-        event.listen(engine, "commit", listener)
-        try:
+        with counting_commits(engine) as commits:
             summary = _apply_as_one_chunk(db, rm_client, codes)
-        finally:
-            event.remove(engine, "commit", listener)
         return len(commits), summary
 
     codes = [f"BUDGET{i}" for i in range(12)]
