@@ -219,6 +219,9 @@ def _sqlite_engine(
             # Checkpoints move to the Checkpointer's thread: run inside a commit, one would hold
             # the writer turn (and so every other writer) while it copies and fsyncs the WAL.
             cursor.execute("PRAGMA wal_autocheckpoint=0")
+            checkpointer.page_size = cursor.execute("PRAGMA page_size").fetchone()[0]
+            # A WAL that grew past the limit (Checkpointer) is cut back to it once it restarts.
+            cursor.execute(f"PRAGMA journal_size_limit={checkpointer.limit_bytes()}")
             dbapi_connection.checkpointer = checkpointer
         cursor.close()
 
@@ -369,13 +372,17 @@ def deferred_wal_syncs() -> Iterator[Callable[[], None]]:
                 wal_sync.flush()
 
 
-def _passive_checkpoint(dbapi_connection: sqlite3.Connection, when: str) -> bool:
+def _passive_checkpoint(dbapi_connection: sqlite3.Connection, when: str, wait: float = 0.0) -> bool:
     """One PASSIVE checkpoint on a writer's connection; False (and a warning) if it failed.
 
+    Another connection's checkpoint in progress makes SQLite skip this one (busy, no busy
+    handler); with ``wait`` it is tried again until that one ends, for at most ``wait`` seconds.
     Housekeeping: a failure must not fail the writer it runs for.
     """
+    deadline = time.monotonic() + wait
     try:
-        dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        while dbapi_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] and time.monotonic() < deadline:
+            time.sleep(0.001)
     except sqlite3.Error as error:
         log.warning("sqlite checkpoint %s failed: %s", when, error)
         return False
@@ -400,7 +407,19 @@ class Checkpointer:
     that one has only the frames committed in between to copy, and as it runs under the writer
     turn nothing can be committed after it, so that transaction restarts the WAL. The thread
     starts on the first nudge in each process and ends after ``idle`` seconds without one.
+
+    That alone bounds the WAL only while this thread's checkpoints keep up: writers that outrun
+    the disk (in CI, a checkpoint's fsync behind another test's) grew it to 55 MB before one
+    ended. So the WAL also has a hard limit, ``limit_factor`` times ``restart_frames``: a writer
+    that finds the file past it copies the WAL itself in the turn, waiting for a checkpoint in
+    progress, and so restarts it. Writers then go at the checkpoint's pace, as with SQLite's own
+    auto-checkpoint. ``journal_size_limit`` shrinks the file back to the limit after a restart,
+    so its size says whether the WAL is past it (one stat per write transaction).
     """
+
+    # A frame is a page and its 24-byte header; the file starts with a 32-byte header.
+    FRAME_HEADER = 24
+    WAL_HEADER = 32
 
     def __init__(
         self, path: str, synchronous: str = "FULL", *, interval: float = 0.2, restart_frames: int = 1000, idle: float = 30.0
@@ -409,9 +428,12 @@ class Checkpointer:
         self.synchronous = synchronous
         self.interval = interval
         self.restart_frames = restart_frames
+        self.limit_factor = 4
+        self.page_size = 4096  # the file's: each new connection reads it
         self.idle = idle
         self.checkpoints = 0
         self.before_begins = 0
+        self.over_limit_catch_ups = 0
         self.restart_due = False
         self._nudged = threading.Event()
         self._lock = threading.Lock()
@@ -425,6 +447,22 @@ class Checkpointer:
                 self._thread = threading.Thread(target=self._run, name="sqlite-checkpointer", daemon=True)
                 self._thread.start()
 
+    def limit_bytes(self) -> int:
+        """The WAL file size past which writers stop for a checkpoint (and the journal_size_limit)."""
+        frames = self.limit_factor * self.restart_frames
+        return self.WAL_HEADER + frames * (self.page_size + self.FRAME_HEADER)
+
+    def over_limit(self) -> bool:
+        """True while the WAL file is larger than limit_bytes()."""
+        try:
+            return os.stat(self.path + "-wal").st_size > self.limit_bytes()
+        except FileNotFoundError:
+            return False
+
+    def restart_wanted(self) -> bool:
+        """True when the next writer should copy the WAL so that it can restart it."""
+        return self.restart_due or self.over_limit()
+
     def before_turn(self, dbapi_connection: sqlite3.Connection) -> None:
         """Called before a writer takes the turn: when a restart is due, copy what can be copied without holding it.
 
@@ -432,16 +470,20 @@ class Checkpointer:
         in the turn: 30-75 ms while a retention purge rewrote rows as fast as it could. Run first
         here, outside the turn, it leaves that one only what is committed in between.
         """
-        if self.restart_due:
+        if self.restart_wanted():
             # If it fails, before_begin tries again in the turn.
             _passive_checkpoint(dbapi_connection, "before a writer turn")
 
     def before_begin(self, dbapi_connection: sqlite3.Connection) -> None:
         """Called as a transaction begins: the checkpoint that lets it restart the WAL, when one is due."""
-        if self.restart_due:
+        over = self.over_limit()
+        if self.restart_due or over:
             self.restart_due = False
-            if _passive_checkpoint(dbapi_connection, "before a transaction"):
+            # Past the limit, this writer (and so every writer) waits out a checkpoint in progress:
+            # skipped, it would leave frames uncopied and the WAL would keep growing.
+            if _passive_checkpoint(dbapi_connection, "before a transaction", wait=1.0 if over else 0.0):
                 self.before_begins += 1
+                self.over_limit_catch_ups += over
 
     def after_fork(self) -> None:
         """Forget the parent's thread (a forked child has none) and a lock it may have held."""
@@ -931,7 +973,7 @@ def checkpointer_of(engine: Engine) -> Checkpointer | None:
 def catch_up_before_turn(engine: Engine, conn: Connection | None = None) -> None:
     """Before a writer takes the turn: Checkpointer.before_turn, on ``conn`` or a pooled connection."""
     checkpointer = _checkpointers.get(engine)
-    if checkpointer is None or not checkpointer.restart_due:
+    if checkpointer is None or not checkpointer.restart_wanted():
         return
     if conn is not None:
         checkpointer.before_turn(conn.connection.dbapi_connection)

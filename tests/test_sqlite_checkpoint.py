@@ -82,6 +82,18 @@ def test_wal_stays_bounded_under_back_to_back_writers(tmp_path: Path) -> None:
     path = tmp_path / "w.db"
     engine, checkpointer = _blobs_database(path, "NORMAL", restart_frames=500, interval=0.02)
 
+    largest = _write_back_to_back(engine, path, writers=2, transactions=400, pages=16)
+
+    written = 2 * 400 * 17 * PAGE  # ~55 MB of WAL frames without a restart
+    assert checkpointer.before_begins >= 1
+    assert largest < 12 * 1024 * 1024, f"WAL reached {largest / 2**20:.1f} MB of {written / 2**20:.0f} MB written"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM blobs")).scalar() == 2 * 400 * 16
+    engine.dispose()
+
+
+def _write_back_to_back(engine: Engine, path: Path, writers: int, transactions: int, pages: int) -> int:
+    """``writers`` threads (each with its own WriterTurn, like worker processes) commit without pause; the WAL's largest size."""
     largest = 0
     stop = threading.Event()
 
@@ -91,29 +103,68 @@ def test_wal_stays_bounded_under_back_to_back_writers(tmp_path: Path) -> None:
             largest = max(largest, _wal_size(path))
             time.sleep(0.002)
 
-    def write(n: int) -> None:
-        # A WriterTurn of its own, like a web worker process: the writers meet only at the flock.
+    def write() -> None:
         turn = WriterTurn(f"{path}-writer.lock", 10.0)
-        for _ in range(n):
+        for _ in range(transactions):
             with turn.hold(), engine.begin() as conn:
-                conn.execute(text("INSERT INTO blobs VALUES (:b)"), [{"b": os.urandom(PAGE)} for _ in range(16)])
+                conn.execute(text("INSERT INTO blobs VALUES (:b)"), [{"b": os.urandom(PAGE)} for _ in range(pages)])
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    writers = [threading.Thread(target=write, args=(400,)) for _ in range(2)]
+    threads = [threading.Thread(target=write) for _ in range(writers)]
     try:
-        for w in writers:
-            w.start()
-        for w in writers:
-            w.join()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     finally:
         stop.set()
         watcher.join()
-    written = 2 * 400 * 17 * PAGE  # ~55 MB of WAL frames without a restart
-    assert checkpointer.before_begins >= 1
-    assert largest < 12 * 1024 * 1024, f"WAL reached {largest / 2**20:.1f} MB of {written / 2**20:.0f} MB written"
+    return max(largest, _wal_size(path))
+
+
+def test_writers_that_outrun_the_checkpointer_stop_at_the_wal_limit(tmp_path: Path) -> None:
+    """A checkpointer thread that falls behind (here: never checkpoints again) cannot let the WAL grow past its limit.
+
+    In CI a checkpoint's fsync sat behind another test's while the writers (which do not wait for
+    the disk at synchronous=NORMAL) wrote 55 MB; the writers themselves now copy the WAL once it
+    is past the limit, and restart it.
+    """
+    path = tmp_path / "l.db"
+    # After its first checkpoint the thread sleeps for the rest of the test: only the limit is left.
+    engine, checkpointer = _blobs_database(path, "NORMAL", restart_frames=200, interval=60.0)
+    limit = checkpointer.limit_bytes()
+    transaction = 17 * (PAGE + Checkpointer.FRAME_HEADER)  # 16 rows of a page, and the table's page
+
+    largest = _write_back_to_back(engine, path, writers=2, transactions=300, pages=16)
+
+    # ~20 MB were written; a writer past the limit finds it at its next BEGIN, so one transaction over at most.
+    assert largest <= limit + 2 * transaction, f"WAL reached {largest / 2**20:.2f} MB, limit {limit / 2**20:.2f} MB"
+    assert checkpointer.checkpoints <= 1, "the thread did not help"
+    assert checkpointer.over_limit_catch_ups >= 3, "the writers restarted the WAL again and again"
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM blobs")).scalar() == 2 * 400 * 16
+        assert conn.execute(text("SELECT count(*) FROM blobs")).scalar() == 2 * 300 * 16
+    engine.dispose()
+
+
+def test_a_wal_grown_past_the_limit_shrinks_back_to_it_after_the_next_restart(tmp_path: Path) -> None:
+    """One transaction larger than the limit cannot be stopped, but the file is cut back once the WAL restarts."""
+    path = tmp_path / "g.db"
+    engine, checkpointer = _blobs_database(path, "NORMAL", restart_frames=100, interval=60.0)
+    limit = checkpointer.limit_bytes()
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO blobs VALUES (:b)"), [{"b": os.urandom(PAGE)} for _ in range(1000)])
+    assert _wal_size(path) > 2 * limit
+
+    # The next writer copies the WAL, restarts it, and its commit truncates the file to the limit.
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO blobs VALUES (x'00')"))
+    assert _wal_size(path) <= limit
+    assert not checkpointer.over_limit()
+    assert checkpointer.over_limit_catch_ups == 1
+    assert os.path.getsize(path) >= 1000 * PAGE, "the rows were copied into the database file before the restart"
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM blobs")).scalar() == 1001
     engine.dispose()
 
 
