@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, NamedTuple
 
-from sqlalchemy import Connection, Insert, bindparam, exists, func, insert, literal, select, text, true, update
+from sqlalchemy import Connection, Insert, TextClause, bindparam, exists, func, insert, literal, select, text, true, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -144,18 +144,29 @@ _APPLY_AND_RECORD = Direct(_insert_event_core.add_cte(_apply_core.cte("applied")
 _VOUCHER_COLUMNS = [c for c in _V.columns if c.name != "id"]
 _insert_voucher_text = insert_unless_conflict(_V, [c.name for c in _VOUCHER_COLUMNS])
 _INSERT_VOUCHER = Direct(_insert_voucher_text)
-# PostgreSQL: the new voucher and its first event in one statement; no row back means the insert
-# conflicted (another transaction created the voucher) and no event was written.
-_INSERT_NEW_AND_RECORD = Direct(text(
-    f"WITH inserted AS ({_insert_voucher_text.text}) "
-    f"INSERT INTO {_E.name} ({', '.join(c.name for c in _EVENT_COLUMNS)}) "
-    # Casts: a bare parameter in a SELECT list would be typed text, and NULLs would not fit the columns.
-    f"SELECT {', '.join(f'CAST(:e_{c.name} AS {c.type.compile(dialect=postgresql.dialect())})' for c in _EVENT_COLUMNS)}"
-    " FROM inserted RETURNING id"
-).bindparams(
-    *(bindparam(c.name, type_=c.type) for c in _VOUCHER_COLUMNS),
-    *(bindparam(f"e_{c.name}", type_=c.type) for c in _EVENT_COLUMNS),
-))
+
+
+def _new_and_record(insert_voucher: TextClause) -> Direct:
+    """PostgreSQL: the new voucher and its first event in one statement (a data-modifying CTE)."""
+    return Direct(text(
+        f"WITH inserted AS ({insert_voucher.text}) "
+        f"INSERT INTO {_E.name} ({', '.join(c.name for c in _EVENT_COLUMNS)}) "
+        # Casts: a bare parameter in a SELECT list would be typed text, and NULLs would not fit the columns.
+        f"SELECT {', '.join(f'CAST(:e_{c.name} AS {c.type.compile(dialect=postgresql.dialect())})' for c in _EVENT_COLUMNS)}"
+        " FROM inserted RETURNING id"
+    ).bindparams(
+        *(bindparam(c.name, type_=c.type) for c in _VOUCHER_COLUMNS),
+        *(bindparam(f"e_{c.name}", type_=c.type) for c in _EVENT_COLUMNS),
+    ))
+
+
+# No row back means the insert conflicted (another transaction created the voucher) and no event was written.
+_INSERT_NEW_AND_RECORD = _new_and_record(_insert_voucher_text)
+# For a plan whose COMMIT goes with its statements: nothing can run after them, so a conflict fails
+# the transaction (IntegrityError) instead of answering with no row.
+_INSERT_NEW_OR_FAIL_AND_RECORD = _new_and_record(
+    insert_unless_conflict(_V, [c.name for c in _VOUCHER_COLUMNS], conflict_fails=True)
+)
 
 
 def _new_voucher_values(snapshot: VoucherSnapshot, source: Source, now: datetime) -> dict[str, Any]:
@@ -216,16 +227,18 @@ def apply_snapshot(
 class ApplyPlan:
     """What applying one snapshot to a voucher locked in this transaction takes, decided before any of it runs.
 
-    ``steps`` are the statements to run, in order; ``finish`` turns their rows into the result.
-    On PostgreSQL ``finish`` runs nothing more, so the statements of several callbacks can be sent
-    together (db.pipelined). It answers None when a concurrent transaction created the voucher
-    first, and nothing was written: apply_after_conflict then applies on top of that row.
+    ``steps`` are the statements to run, in order; ``finish`` turns their rows into the result,
+    whose outcome is ``outcome``. On PostgreSQL ``finish`` runs nothing more, so the statements of
+    several callbacks can be sent together (db.pipelined). It answers None when a concurrent
+    transaction created the voucher first, and nothing was written: apply_after_conflict then
+    applies on top of that row (unless the plan was made with ``conflict_fails``).
     """
 
     snapshot: VoucherSnapshot
     source: Source
     delivery_id: int | None
     now: datetime
+    outcome: Outcome
     steps: tuple[tuple[Direct, dict[str, Any]], ...]
     finish: Callable[[Connection, list[list[tuple]]], ApplyResult | None]
 
@@ -236,11 +249,15 @@ class ApplyPlan:
 
 def plan_apply(
     conn: Connection, snapshot: VoucherSnapshot, *, source: Source, delivery_id: int | None, now: datetime,
-    locked: _Locked | None,
+    locked: _Locked | None, conflict_fails: bool = False,
 ) -> ApplyPlan:
-    """Decide what ``snapshot`` does to the voucher row this transaction holds (None: no voucher yet)."""
-    def plan(steps: tuple[tuple[Direct, dict[str, Any]], ...], finish: Callable) -> ApplyPlan:
-        return ApplyPlan(snapshot, source, delivery_id, now, steps, finish)
+    """Decide what ``snapshot`` does to the voucher row this transaction holds (None: no voucher yet).
+
+    ``conflict_fails`` (PostgreSQL): a new voucher's insert that meets one created meanwhile by
+    another transaction raises IntegrityError, failing the transaction, instead of finishing None.
+    """
+    def plan(outcome: Outcome, steps: tuple[tuple[Direct, dict[str, Any]], ...], finish: Callable) -> ApplyPlan:
+        return ApplyPlan(snapshot, source, delivery_id, now, outcome, steps, finish)
 
     # Anything other than a pushed callback is RM answering our own question: authoritative.
     authoritative = source is not Source.CALLBACK
@@ -252,7 +269,8 @@ def plan_apply(
         voucher = _new_voucher_values(snapshot, source, now)
         if combine:
             # No row back: the insert conflicted (another transaction created the voucher), no event written.
-            return plan(((_INSERT_NEW_AND_RECORD, {**voucher, **event}),), lambda _conn, rows: (
+            insert_new = _INSERT_NEW_OR_FAIL_AND_RECORD if conflict_fails else _INSERT_NEW_AND_RECORD
+            return plan(decision.outcome, ((insert_new, {**voucher, **event}),), lambda _conn, rows: (
                 _result(None, snapshot, decision, rows[0][0][0], changed=True) if rows[0] else None
             ))
 
@@ -262,7 +280,7 @@ def plan_apply(
                 return None
             return _record(conn, _INSERT_EVENT, event, None, snapshot, decision, changed=True)
 
-        return plan(((_INSERT_VOUCHER, voucher),), new_voucher)
+        return plan(decision.outcome, ((_INSERT_VOUCHER, voucher),), new_voucher)
 
     current = Observed(row.status, row.rm_updated_ns, row.snapshot_sha256)
     decision = decide(current, _observed(snapshot), authoritative=authoritative)
@@ -270,7 +288,7 @@ def plan_apply(
     if decision.outcome is Outcome.DUPLICATE:
         duplicate = ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=False)
         steps = ((_CONFIRM, {"b_id": row.id, "b_now": now}),) if authoritative else ()
-        return plan(steps, lambda _conn, _rows: duplicate)
+        return plan(Outcome.DUPLICATE, steps, lambda _conn, _rows: duplicate)
 
     record = not _already_recorded(row, decision.outcome)
     event = _event_params(row.status, snapshot, decision, source, delivery_id, now) if record else {}
@@ -288,7 +306,7 @@ def plan_apply(
         }
         params = {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}}
         if record and combine:
-            return plan(((_APPLY_AND_RECORD, {**params, **event}),), lambda _conn, rows: _result(
+            return plan(decision.outcome, ((_APPLY_AND_RECORD, {**params, **event}),), lambda _conn, rows: _result(
                 row.status, snapshot, decision, rows[-1][0][0], changed=True
             ))
         same_keys = not combine and row.batch_key == values["batch_key"] and (
@@ -300,8 +318,8 @@ def plan_apply(
 
     if not record:
         unrecorded = ApplyResult(snapshot.code, Outcome.DUPLICATE, row.status, snapshot.status, None, changed=decision.apply)
-        return plan(steps, lambda _conn, _rows: unrecorded)
-    return plan((*steps, (_INSERT_EVENT, event)), lambda _conn, rows: _result(
+        return plan(Outcome.DUPLICATE, steps, lambda _conn, _rows: unrecorded)
+    return plan(decision.outcome, (*steps, (_INSERT_EVENT, event)), lambda _conn, rows: _result(
         row.status, snapshot, decision, rows[-1][0][0], changed=decision.apply
     ))
 

@@ -737,18 +737,20 @@ def writer_turn(engine: Engine) -> WriterTurn | None:
     return _turns.get(engine)
 
 
-def insert_unless_conflict(table: Table, column_names: list[str]) -> TextClause:
+def insert_unless_conflict(table: Table, column_names: list[str], *, conflict_fails: bool = False) -> TextClause:
     """``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` for these columns: the id, or no row on a conflict.
 
     Hand-written because the dialects' on_conflict_do_nothing() constructs have no cache key, so
     SQLAlchemy would recompile them on every execution (measured: 2.5 ms each). A text clause is
     compiled once; typed bind parameters keep the column types' conversions. Same SQL on SQLite
     and PostgreSQL. Without a conflict target any unique constraint counts as a conflict.
+    ``conflict_fails``: the same insert without ON CONFLICT, so a conflict raises IntegrityError.
     """
     columns = [table.c[name] for name in column_names]
     names = ", ".join(f'"{c.name}"' for c in columns)
     params = ", ".join(f":{c.name}" for c in columns)
-    sql = f"INSERT INTO {table.name} ({names}) VALUES ({params}) ON CONFLICT DO NOTHING RETURNING id"
+    unless = "" if conflict_fails else " ON CONFLICT DO NOTHING"
+    sql = f"INSERT INTO {table.name} ({names}) VALUES ({params}){unless} RETURNING id"
     return text(sql).bindparams(*(bindparam(c.name, type_=c.type) for c in columns))
 
 
@@ -921,26 +923,34 @@ def _fetch(compiled: _Compiled, cursor: Any) -> list[tuple]:
     return cursor.fetchall() if compiled.returns_rows else []
 
 
-def pipelined(conn: Connection, calls: Sequence[tuple[Direct, Mapping[str, Any]]]) -> list[list[tuple]]:
+def pipelined(
+    conn: Connection, calls: Sequence[tuple[Direct, Mapping[str, Any]]], *, commit: bool = False
+) -> list[list[tuple]]:
     """PostgreSQL: run Direct statements in order in one round trip (psycopg's pipeline mode); each one's rows.
 
     Only for statements whose parameters do not depend on each other's results. A transaction's
     BEGIN still to be sent goes with them (begin_with_first_statements). An error in any
     statement aborts the transaction and is raised as Direct.rows raises it.
+
+    ``commit``: the transaction's COMMIT goes with them, a round trip fewer. Only the owner of the
+    transaction asks for it, as its last act in it: the server skips the COMMIT after an error
+    (nothing is committed), and the owner's own commit then finds nothing left to do (psycopg
+    sends no COMMIT when the server has no transaction open).
     """
     begin = _begin_pending(conn)
-    if len(calls) < 2 and not begin:
+    if len(calls) < 2 and not begin and not commit:
         # Nothing to send together; pipeline mode would only add its own cost.
         return [statement.rows(conn, params) for statement, params in calls]
-    return _send_together(conn, [statement.prepare(conn, params) for statement, params in calls], begin=begin)
+    prepared = [statement.prepare(conn, params) for statement, params in calls]
+    return _send_together(conn, prepared, begin=begin, commit=commit)
 
 
-def _send_together(conn: Connection, prepared: Sequence[Bound], *, begin: bool) -> list[list[tuple]]:
-    """``pipelined`` with the statements bound, BEGIN first if ``begin``."""
+def _send_together(conn: Connection, prepared: Sequence[Bound], *, begin: bool, commit: bool = False) -> list[list[tuple]]:
+    """``pipelined`` with the statements bound, BEGIN first if ``begin``, COMMIT last if ``commit``."""
     driver = conn.connection.driver_connection
     cursors: list[Any] = []
     # What an error names if it comes before any statement is sent.
-    sql, args = ("BEGIN", None) if begin else (prepared[0][0].sql, prepared[0][1])
+    sql, args = ("BEGIN", None) if begin else (prepared[0][0].sql, prepared[0][1]) if prepared else ("COMMIT", None)
     try:
         with driver.pipeline():
             if begin:
@@ -950,6 +960,10 @@ def _send_together(conn: Connection, prepared: Sequence[Bound], *, begin: bool) 
                 sql = compiled.sql
                 cursors.append(driver.cursor())
                 cursors[-1].execute(sql, args)
+            if commit:
+                # Errors name the last statement: the server skips the COMMIT after one of theirs.
+                cursors.append(driver.cursor())
+                cursors[-1].execute("COMMIT")
         statements = cursors[1:] if begin else cursors
         return [_fetch(compiled, cursor) for (compiled, _args), cursor in zip(prepared, statements)]
     except Exception as error:  # noqa: BLE001 - SQLAlchemy wraps it (and invalidates a dead connection)

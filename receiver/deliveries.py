@@ -274,16 +274,21 @@ def accept_verified(
     """
     conn = connection_of(session)
     if conn.dialect.name == "postgresql":
-        (outcome,) = accept_verified_together(conn, [(incoming, snapshot)])
-        if isinstance(outcome, NonceReused):
-            raise outcome
-        return outcome
+        return _raised(accept_verified_together(conn, [(incoming, snapshot)]))
     inserted = _INSERT_VERIFIED.run_bound(conn, prepared or prepare_verified(conn.dialect, incoming, snapshot))
     return _after_insert(conn, incoming, snapshot, inserted[0][0] if inserted else None, NOT_LOCKED)
 
 
+def _raised(outcomes: list[CallbackResult | NonceReused]) -> CallbackResult:
+    """The one callback's result; its NonceReused raised."""
+    (outcome,) = outcomes
+    if isinstance(outcome, NonceReused):
+        raise outcome
+    return outcome
+
+
 def accept_verified_together(
-    conn: Connection, callbacks: Sequence[tuple[IncomingCallback, VoucherSnapshot]]
+    conn: Connection, callbacks: Sequence[tuple[IncomingCallback, VoucherSnapshot]], *, commit: bool = False
 ) -> list[CallbackResult | NonceReused]:
     """PostgreSQL: accept_verified for callbacks of distinct vouchers, in order, their statements sent together.
 
@@ -292,6 +297,13 @@ def accept_verified_together(
     redelivery, a replayed nonce) or whose new voucher was created meanwhile by another
     transaction takes the one-statement-at-a-time path. A replayed nonce comes back as its
     NonceReused in place of a result, having written nothing; any other error is raised.
+
+    ``commit``: only for the owner of the transaction, as its last act in it. The COMMIT then goes
+    with the second round trip (db.pipelined), so the transaction waits for the server twice.
+    Nothing can run after that round trip: the deliveries' outcomes other than ``accepted`` are
+    written in it, and a new voucher created meanwhile by another transaction fails the whole
+    transaction (IntegrityError, nothing committed) for the owner to run again, when it would
+    otherwise be applied on top of.
     """
     found = pipelined(conn, [
         (_INSERT_VERIFIED_AND_LOCK, {**_verified_values(incoming, snapshot), "code": snapshot.code, "sha": snapshot.fingerprint})
@@ -308,13 +320,27 @@ def accept_verified_together(
                 outcomes[index] = exc
             continue
         plan = plan_apply(
-            conn, snapshot, source=Source.CALLBACK, delivery_id=delivery_id, now=incoming.received_at, locked=locked
+            conn, snapshot, source=Source.CALLBACK, delivery_id=delivery_id, now=incoming.received_at, locked=locked,
+            conflict_fails=commit,
         )
         plans.append((index, delivery_id, plan))
-    written = iter(pipelined(conn, [step for _index, _id, plan in plans for step in plan.steps]))
+    steps = [step for _index, _id, plan in plans for step in plan.steps]
+    if commit:
+        # What _conclude would write after the results, written with the rest.
+        steps += [
+            (_SET_OUTCOME, {"b_id": delivery_id, "b_outcome": _STATUS_FOR_OUTCOME[plan.outcome].value})
+            for _index, delivery_id, plan in plans
+            if _STATUS_FOR_OUTCOME[plan.outcome] is not DeliveryOutcome.ACCEPTED
+        ]
+    # With no statement left to send, the owner's COMMIT goes alone as usual.
+    written = iter(pipelined(conn, steps, commit=commit and bool(steps)))
     for index, delivery_id, plan in plans:
-        result = plan.finish(conn, [next(written) for _step in plan.steps]) or apply_after_conflict(conn, plan)
-        outcomes[index] = _conclude(conn, delivery_id, None, 1, result)
+        result = plan.finish(conn, [next(written) for _step in plan.steps])
+        if commit:
+            assert result is not None and result.outcome is plan.outcome, "a plan sent with the COMMIT ran as planned"
+            outcomes[index] = CallbackResult(_STATUS_FOR_OUTCOME[result.outcome], delivery_id, 1, result)
+            continue
+        outcomes[index] = _conclude(conn, delivery_id, None, 1, result or apply_after_conflict(conn, plan))
     return outcomes  # type: ignore[return-value] - every slot is filled above
 
 
@@ -400,11 +426,15 @@ def commit_verified(
     On a Connection already checked out, the transaction runs on it; the caller counts the result
     in /metrics (count_committed). A bare Connection, not an ORM Session: nothing here loads
     objects, and the Session's bookkeeping cost ~0.1 ms a callback. Two identical deliveries
-    racing each other collide on the unique dedupe key; the loser retries once and finds the
-    winner's row.
+    racing each other collide on the unique dedupe key, and on PostgreSQL two first snapshots of
+    a voucher on its code (accept_verified_together's ``commit``); the loser retries and finds
+    the winner's row.
     """
     def transaction() -> CallbackResult:
         with transaction_on(bind) as conn:
+            if conn.dialect.name == "postgresql":
+                # This function owns the transaction: its COMMIT goes with the last statements.
+                return _raised(accept_verified_together(conn, [(incoming, snapshot)], commit=True))
             return accept_verified(conn, incoming, snapshot, prepared)
 
     for attempt in range(3):

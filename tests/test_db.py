@@ -94,7 +94,8 @@ def test_direct_statement_error_is_wrapped_and_a_dead_connection_is_invalidated(
 def test_a_transaction_that_sends_begin_with_its_first_statements_is_still_one_transaction(pg_url) -> None:  # noqa: ANN001
     """transaction_on's BEGIN rides with the first statements, whichever kind they are; all or nothing as before.
 
-    And the pooled connection goes back as it came: psycopg sends its own BEGIN again.
+    The same with the COMMIT sent with the last statements (pipelined's ``commit``). And the
+    pooled connection goes back as it came: psycopg sends its own BEGIN again.
     """
     engine = db_module.make_engine(pg_url, pool_size=1)
     insert = db_module.Direct(text("INSERT INTO t (v) VALUES (:v) RETURNING v"))
@@ -131,13 +132,26 @@ def test_a_transaction_that_sends_begin_with_its_first_statements_is_still_one_t
         assert "duplicate key" in str(caught.value)
         assert rows() == [3, 4, 5]
 
+        # The owner's COMMIT sent with the last statements: committed then, and its own commit finds nothing to do.
+        with db_module.transaction_on(engine) as conn:
+            assert insert.first(conn, {"v": 8}) == (8,)
+            assert db_module.pipelined(conn, [(insert, {"v": 9})], commit=True) == [[(9,)]]
+            assert conn.connection.driver_connection.info.transaction_status == 0  # none open: committed
+            assert rows() == [3, 4, 5, 8, 9]  # as another connection sees it
+        assert rows() == [3, 4, 5, 8, 9]
+        # After a failed statement the server skips that COMMIT: nothing of the transaction stays.
+        with pytest.raises(Exception) as caught, db_module.transaction_on(engine) as conn:
+            db_module.pipelined(conn, [(insert, {"v": 10}), (insert, {"v": 11}), (insert, {"v": 3}), (insert, {"v": 12})], commit=True)
+        assert "duplicate key" in str(caught.value)
+        assert rows() == [3, 4, 5, 8, 9]
+
         with engine.connect() as conn:  # the same pooled connection, given back in its own mode
             driver = conn.connection.driver_connection
             assert not driver.autocommit
             conn.execute(text("INSERT INTO t (v) VALUES (7)"))
             assert driver.info.transaction_status != 0  # psycopg's own BEGIN
             conn.rollback()
-        assert rows() == [3, 4, 5]
+        assert rows() == [3, 4, 5, 8, 9]
     finally:
         engine.dispose()
 

@@ -286,7 +286,8 @@ def test_a_callback_costs_two_statements_on_postgresql_and_four_on_sqlite(app, d
         if postgres:
             class Counting(dbapi_connection.cursor_factory):  # psycopg.Cursor
                 def execute(self, query, params=None, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-                    if str(query) != "BEGIN":  # sent with the first statement (db.begin_with_first_statements)
+                    # Sent with the first and last statements (db.begin_with_first_statements, db.pipelined).
+                    if str(query) not in ("BEGIN", "COMMIT"):
                         statements.append(str(query))
                     return super().execute(query, params, **kw)
 
@@ -330,14 +331,16 @@ def test_a_transaction_on_a_pooled_connection_that_died_runs_once_more_on_a_new_
 
 
 @pytest.mark.postgres
-def test_a_group_of_callbacks_waits_for_postgresql_three_times_whatever_its_size(postgres_url) -> None:  # noqa: ANN001
-    """BEGIN with every delivery insert; every voucher write and event; COMMIT: three waits for the database.
+def test_a_group_of_callbacks_waits_for_postgresql_twice_whatever_its_size(postgres_url) -> None:  # noqa: ANN001
+    """BEGIN with every delivery insert; every voucher write and event with the COMMIT: two waits for the database.
 
     The database sits behind a proxy that holds each of its answers back 0.2 s, so every wait
     for an answer costs 0.2 s. One statement at a time, a group of five callbacks waited twelve
     times (BEGIN, five inserts, five writes, COMMIT); with psycopg sending the BEGIN on its own,
-    four. A lone callback waits as often as a group. A delivery RM sent twice takes its own
-    statements (find it, count the attempt); the others still go together.
+    four; with the COMMIT sent on its own, three. A lone callback waits as often as a group, and
+    a stale snapshot as often as a status change (its delivery's outcome is written with the
+    rest). A delivery RM sent twice takes its own statements (find it, count the attempt); the
+    others still go together.
     """
     delay = 0.2
     parsed = make_url(postgres_url)
@@ -355,28 +358,39 @@ def test_a_group_of_callbacks_waits_for_postgresql_three_times_whatever_its_size
         committer._run([_Waiting(*verified_callback("RTWARM", "VALID", 0))])  # connects outside the count
         for size in (1, 5):
             created = [_Waiting(*verified_callback(f"RT{size}-{i}", "VALID", 0)) for i in range(size)]
-            assert 3 <= waits(created) < 4, f"{size} new vouchers"
-            changed = [_Waiting(*verified_callback(f"RT{size}-{i}", "ISSUE", 1)) for i in range(size)]
-            assert 3 <= waits(changed) < 4, f"{size} status changes"
+            assert 2 <= waits(created) < 3, f"{size} new vouchers"
+            changed = [_Waiting(*verified_callback(f"RT{size}-{i}", "REDEEMED", 2)) for i in range(size)]
+            assert 2 <= waits(changed) < 3, f"{size} status changes"
+            stale = [_Waiting(*verified_callback(f"RT{size}-{i}", "ISSUE", 1)) for i in range(size)]
+            assert 2 <= waits(stale) < 3, f"{size} stale snapshots"
+            assert {w.result.status for w in stale} == {DeliveryOutcome.STALE}
         assert committer.stats.fallbacks == 0
-        group = [_Waiting(changed[0].incoming, changed[0].snapshot), _Waiting(*verified_callback("RT5-1", "REDEEMED", 2))]
-        assert 3 + 2 <= waits(group) < 3 + 2 + 3
+        group = [_Waiting(changed[0].incoming, changed[0].snapshot), _Waiting(*verified_callback("RT5-1", "VOID", 3))]
+        assert 2 + 2 <= waits(group) < 2 + 2 + 2
         assert group[0].result.status is DeliveryOutcome.DUPLICATE and group[0].result.attempts == 2
         assert group[1].result.status is DeliveryOutcome.ACCEPTED
         with engine.connect() as conn:
             statuses = dict(conn.execute(select(Voucher.code, Voucher.status).where(Voucher.code.like("RT5-%"))).all())
-        assert statuses == {"RT5-0": "ISSUE", "RT5-1": "REDEEMED", "RT5-2": "ISSUE", "RT5-3": "ISSUE", "RT5-4": "ISSUE"}
+            outcomes = conn.execute(
+                select(WebhookDelivery.outcome, func.count()).where(WebhookDelivery.voucher_code.like("RT%"))
+                .group_by(WebhookDelivery.outcome)
+            ).all()
+        assert statuses == {"RT5-0": "REDEEMED", "RT5-1": "VOID", "RT5-2": "REDEEMED", "RT5-3": "REDEEMED", "RT5-4": "REDEEMED"}
+        # As committed: the stale snapshots' outcome was written in the round trip with the COMMIT.
+        assert dict(outcomes) == {"accepted": 1 + 2 * 6 + 1, "stale": 6}
     finally:
         engine.dispose()
         proxy.close()
 
 
 @pytest.mark.postgres
-def test_a_voucher_created_meanwhile_by_another_transaction_is_applied_on_top_of_in_the_same_group(postgres_url) -> None:  # noqa: ANN001
+def test_a_voucher_created_meanwhile_by_another_transaction_fails_the_group_and_each_callback_runs_again(postgres_url) -> None:  # noqa: ANN001
     """The group found no voucher, so it sent an insert; the other transaction's commit makes that insert conflict.
 
-    The callback is then applied on top of the other transaction's row, one statement at a time,
-    without failing the group: no fallback, one event per snapshot.
+    The COMMIT went with that insert, so nothing may follow it: the conflict fails the whole
+    transaction, and the server skips its COMMIT. Each callback then runs alone, RACEX on top of
+    the other transaction's row. Had the group's COMMIT gone through, its two deliveries would
+    be on record already and the second runs would find them (duplicates, attempts 2).
     """
     from receiver.apply import apply_snapshot
     from receiver.models import Source
@@ -392,17 +406,37 @@ def test_a_voucher_created_meanwhile_by_another_transaction_is_applied_on_top_of
         committer._run(group)
         other.close()
         assert [w.error for w in group] == [None, None]
-        assert [w.result.status for w in group] == [DeliveryOutcome.ACCEPTED] * 2
-        assert group[0].result.apply.from_status == "VALID" and committer.stats.fallbacks == 0
+        assert [(w.result.status, w.result.attempts) for w in group] == [(DeliveryOutcome.ACCEPTED, 1)] * 2
+        assert group[0].result.apply.from_status == "VALID" and committer.stats.fallbacks == 1
+
+        # A lone callback (its own transaction, COMMIT with its last statement) runs again too.
+        other = engine.connect()
+        other.begin()
+        apply_snapshot(other, verified_callback("RACEZ", "VALID", 0)[1], source=Source.RECONCILE)
+        threading.Timer(0.5, other.commit).start()
+        alone = [_Waiting(*verified_callback("RACEZ", "ISSUE", 1))]
+        committer._run(alone)
+        other.close()
+        assert alone[0].error is None
+        assert (alone[0].result.status, alone[0].result.attempts) == (DeliveryOutcome.ACCEPTED, 1)
+        assert alone[0].result.apply.from_status == "VALID"
+
         with engine.connect() as conn:
-            assert dict(conn.execute(select(Voucher.code, Voucher.status)).all()) == {"RACEX": "ISSUE", "RACEY": "VALID"}
+            assert dict(conn.execute(select(Voucher.code, Voucher.status)).all()) == {
+                "RACEX": "ISSUE", "RACEY": "VALID", "RACEZ": "ISSUE"}
             events = conn.execute(
-                select(VoucherEvent.to_status, VoucherEvent.source).where(VoucherEvent.voucher_code == "RACEX")
-                .order_by(VoucherEvent.id)
+                select(VoucherEvent.voucher_code, VoucherEvent.to_status, VoucherEvent.source)
+                .where(VoucherEvent.voucher_code.in_(["RACEX", "RACEZ"])).order_by(VoucherEvent.id)
             ).all()
-            assert [tuple(e) for e in events] == [("VALID", "reconcile"), ("ISSUE", "callback")]
+            assert [tuple(e) for e in events] == [
+                ("RACEX", "VALID", "reconcile"), ("RACEX", "ISSUE", "callback"),
+                ("RACEZ", "VALID", "reconcile"), ("RACEZ", "ISSUE", "callback"),
+            ]
+            deliveries = conn.execute(select(WebhookDelivery.voucher_code, WebhookDelivery.attempts)).all()
+            assert sorted(tuple(d) for d in deliveries) == [("RACEX", 1), ("RACEY", 1), ("RACEZ", 1)]
     finally:
         engine.dispose()
+
 
 def test_writer_turn_is_exclusive_while_writers_give_up_and_others_take_over(tmp_path) -> None:  # noqa: ANN001
     """Processes and threads taking turns, many giving up on short deadlines: never two holders at once."""
