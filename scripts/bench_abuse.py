@@ -32,7 +32,7 @@ from receiver.config import default_web_concurrency  # noqa: E402
 from receiver.db import normalise_url  # noqa: E402
 from receiver.models import WebhookDelivery  # noqa: E402
 from scripts.bench.callbacks import Record, signed_records  # noqa: E402
-from scripts.bench.loadgen import run_fixed_rate  # noqa: E402
+from scripts.bench.loadgen import run_fixed_rate, run_flood  # noqa: E402
 from tests.support import Gunicorn, fresh_settings_env, migrate  # noqa: E402
 
 VECTORS = json.loads((ROOT / "tests" / "fixtures" / "rm-signature.json").read_text())
@@ -51,11 +51,13 @@ def forged_records(count: int) -> list[Record]:
 
 
 def _flood(args: tuple) -> dict:
-    port, records, rate = args
+    port, records, rate, generator = args
+    if generator == "selectors":
+        return run_flood("127.0.0.1", port, [r.raw(f"127.0.0.1:{port}") for r in records], rate=rate)
     result = run_fixed_rate("127.0.0.1", port, records, rate=rate, lead_in=0.0, server_pid=None, label="flood")
     # Every answer counts here (they are all 401s), not only 200s as for genuine traffic.
     answered = result.responses / result.duration if result.duration else 0.0
-    return {"statuses": result.statuses, "achieved": answered, "cpu": result.cpu,
+    return {"statuses": result.statuses, "achieved": answered, "cpu": result.cpu["loadgen"] * result.cpu["wall"],
             "send_lag_p99": result.extra["send_lag_ms"]["p99"]}
 
 
@@ -90,6 +92,10 @@ def main() -> int:
     parser.add_argument("--forged-rate", type=float, default=1000.0)
     parser.add_argument("--genuine-rate", type=float, default=50.0)
     parser.add_argument("--workers", type=int, default=None, help="default: gunicorn.conf.py's for the database")
+    parser.add_argument(
+        "--flood-generator", choices=("selectors", "asyncio"), default="selectors",
+        help="selectors: loadgen.run_flood, ~1/5 of the CPU of asyncio (run_fixed_rate, the generator before 2026-12-02)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-abuse-"))
@@ -122,7 +128,7 @@ def main() -> int:
                                server_pid=pid, label="genuine alone")
         size1 = db_size(url, sqlite_path)
         with multiprocessing.get_context("fork").Pool(1) as pool:
-            flood = pool.map_async(_flood, [(server.port, forged, args.forged_rate)])
+            flood = pool.map_async(_flood, [(server.port, forged, args.forged_rate, args.flood_generator)])
             under = run_fixed_rate("127.0.0.1", server.port, genuine[half:], rate=args.genuine_rate, lead_in=1.0,
                                    server_pid=pid, label="genuine under flood")
             flood_result = flood.get()[0]
@@ -146,7 +152,8 @@ def main() -> int:
     print(f"slowest under flood    {slowest} (seconds after the first genuine callback; the flood starts with it)")
     print(f"forged flood           {flood_result['statuses']}  achieved {flood_result['achieved']:.0f}/s of "
           f"{args.forged_rate:.0f}/s offered for {flood_seconds:g} s; generator send lag p99 "
-          f"{flood_result['send_lag_p99']:.1f} ms")
+          f"{flood_result['send_lag_p99']:.1f} ms; generator ({args.flood_generator}) CPU "
+          f"{flood_result['cpu'] / flood_seconds:.2f} cores")
     print(f"rejected rows stored   {rejected_rows} of {len(forged)} forged")
     print(f"database growth        genuine phase {(size1 - size0) / 1024:.0f} KiB; flood phase "
           f"{(size2 - size1) / 1024:.0f} KiB (genuine included)")
