@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import secrets
 import signal
 import threading
 import time
@@ -13,10 +14,12 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event, func, make_url, select, text
 
 from receiver.db import WriterTurn, WriterTurnTimeout, is_unavailable, make_engine
-from receiver.deliveries import NonceReused
+from receiver.deliveries import NonceReused, accept_verified
 from receiver.group_commit import GroupCommit, _Waiting
 from receiver.metrics import GROUP_COMMIT_CALLBACKS
 from receiver.models import DeliveryOutcome, Voucher, VoucherEvent, WebhookDelivery
@@ -434,6 +437,85 @@ def test_a_voucher_created_meanwhile_by_another_transaction_fails_the_group_and_
             ]
             deliveries = conn.execute(select(WebhookDelivery.voucher_code, WebhookDelivery.attempts)).all()
             assert sorted(tuple(d) for d in deliveries) == [("RACEX", 1), ("RACEY", 1), ("RACEZ", 1)]
+    finally:
+        engine.dispose()
+
+
+_STATUSES = ["VALID", "ISSUE", "REDEEMED", "VOID", "EXPIRED"]
+
+
+@st.composite
+def _traffic(draw):  # noqa: ANN001, ANN202
+    """Vouchers' snapshots delivered in any order, some twice (the same bytes), some lost, cut into groups."""
+    deliveries = []
+    for voucher in range(draw(st.integers(1, 3))):
+        statuses = draw(st.lists(st.sampled_from(_STATUSES), min_size=1, max_size=4))
+        for step, status in enumerate(statuses):
+            deliveries += [(voucher, step, status)] * draw(st.integers(0, 2))
+    order = draw(st.permutations(deliveries))
+    return order, draw(st.lists(st.booleans(), min_size=len(order), max_size=len(order)))
+
+
+@pytest.mark.postgres
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(traffic=_traffic())
+def test_callbacks_committed_with_their_last_statements_end_as_one_at_a_time_does(postgres_url, traffic) -> None:  # noqa: ANN001
+    """The group path (COMMIT with the last statements) against the reference: each callback alone, COMMIT on its own.
+
+    Same deliveries in the same order per voucher, on two sets of codes: the vouchers, their
+    events and the deliveries' outcomes and attempts must end the same, and so must every answer.
+    Stale snapshots, redeliveries and duplicate snapshots all occur, so every outcome the group
+    path now writes in its last round trip is compared with what _conclude writes after it.
+    """
+    order, cuts = traffic
+    prefix = secrets.token_hex(3).upper()
+    engine = make_engine(postgres_url, pool_size=2)
+    try:
+        committer = GroupCommit(engine)
+        group_answers, reference_answers = [], []
+        group: list[_Waiting] = []
+
+        def send() -> None:
+            committer._run(group)
+            assert [w.error for w in group] == [None] * len(group)
+            group_answers.extend((w.snapshot.code[-1], w.result.status, w.result.attempts) for w in group)
+            group.clear()
+
+        for (voucher, step, status), cut in zip(order, cuts):
+            if any(w.snapshot.code == f"{prefix}G{voucher}" for w in group):
+                send()  # one callback per voucher in a group, as GroupCommit._take makes them
+            group.append(_Waiting(*verified_callback(f"{prefix}G{voucher}", status, step)))
+            if cut:
+                send()
+            with engine.begin() as conn:
+                result = accept_verified(conn, *verified_callback(f"{prefix}R{voucher}", status, step))
+            reference_answers.append((str(voucher), result.status, result.attempts))
+        if group:
+            send()
+        assert committer.stats.fallbacks == 0
+
+        def per_voucher(answers: list[tuple]) -> dict[str, list[tuple]]:
+            out: dict[str, list[tuple]] = {}
+            for voucher, *rest in answers:
+                out.setdefault(voucher, []).append(tuple(rest))
+            return out
+
+        assert per_voucher(group_answers) == per_voucher(reference_answers)
+        with engine.connect() as conn:
+            for voucher in {v for v, _step, _status in order}:
+                ours, theirs = (f"{prefix}{kind}{voucher}" for kind in "GR")
+                rows = [conn.execute(
+                    select(Voucher.status, Voucher.rm_updated_ns, Voucher.needs_reconcile).where(Voucher.code == code)
+                ).all() for code in (ours, theirs)]
+                events = [conn.execute(
+                    select(VoucherEvent.from_status, VoucherEvent.to_status, VoucherEvent.outcome)
+                    .where(VoucherEvent.voucher_code == code).order_by(VoucherEvent.id)
+                ).all() for code in (ours, theirs)]
+                deliveries = [conn.execute(
+                    select(WebhookDelivery.outcome, WebhookDelivery.attempts)
+                    .where(WebhookDelivery.voucher_code == code).order_by(WebhookDelivery.id)
+                ).all() for code in (ours, theirs)]
+                assert rows[0] == rows[1] and events[0] == events[1] and deliveries[0] == deliveries[1], voucher
     finally:
         engine.dispose()
 
