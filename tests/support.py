@@ -318,6 +318,10 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            for end in (client, upstream):
+                # As libpq does: with Nagle's algorithm a second small write waited for the ACK of
+                # the first, up to the peer's 40 ms delayed ACK, on top of the ``delay``.
+                end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
