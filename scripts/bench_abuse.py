@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="default: gunicorn.conf.py's for the database")
     parser.add_argument(
         "--flood-generator", choices=("selectors", "asyncio"), default="selectors",
-        help="selectors: loadgen.run_flood, ~1/5 of the CPU of asyncio (run_fixed_rate, the generator before 2026-12-02)",
+        help="selectors: loadgen.run_flood, about half the CPU of asyncio (run_fixed_rate, the generator before 2026-12-02)",
     )
     args = parser.parse_args()
 

@@ -218,14 +218,11 @@ def run_flood(host: str, port: int, raws: list[bytes], *, rate: float, timeout: 
     sel = selectors.DefaultSelector()
     statuses: dict[str, int] = {}
     lags: list[float] = []
-    in_flight = 0
 
     def done(sock: socket.socket, status: str) -> None:
-        nonlocal in_flight
         sel.unregister(sock)
         sock.close()
         statuses[status] = statuses.get(status, 0) + 1
-        in_flight -= 1
 
     cpu0 = time.process_time()
     start = time.perf_counter() + 0.05
@@ -233,7 +230,8 @@ def run_flood(host: str, port: int, raws: list[bytes], *, rate: float, timeout: 
     last_end = start
     sent = 0
     with _without_gc():
-        while (sent < len(raws) or in_flight) and time.perf_counter() < deadline_after_last:
+        # The selector's map holds the requests in flight.
+        while (sent < len(raws) or sel.get_map()) and time.perf_counter() < deadline_after_last:
             now = time.perf_counter()
             while sent < len(raws) and start + sent / rate <= now:
                 lags.append(now - (start + sent / rate))
@@ -242,7 +240,6 @@ def run_flood(host: str, port: int, raws: list[bytes], *, rate: float, timeout: 
                 sock.connect_ex((host, port))  # EINPROGRESS; writable once connected
                 # [what is left to send, what was read]
                 sel.register(sock, selectors.EVENT_WRITE, [memoryview(raws[sent]), bytearray()])
-                in_flight += 1
                 sent += 1
             wait = max(0.0, start + sent / rate - time.perf_counter()) if sent < len(raws) else 0.05
             for key, mask in sel.select(wait):
