@@ -414,7 +414,8 @@ class Checkpointer:
     that finds the file past it copies the WAL itself in the turn, waiting for a checkpoint in
     progress, and so restarts it. Writers then go at the checkpoint's pace, as with SQLite's own
     auto-checkpoint. ``journal_size_limit`` shrinks the file back to the limit after a restart,
-    so its size says whether the WAL is past it (one stat per write transaction).
+    so its size says whether the WAL is past it: a stat of the file as each write transaction
+    begins, and one before a writer takes the turn (catch_up_before_turn).
     """
 
     # A frame is a page and its 24-byte header; the file starts with a 32-byte header.
