@@ -35,16 +35,16 @@ keepalive = 0
 # Imported only now: importing the receiver package loads prometheus_client, which must already
 # see PROMETHEUS_MULTIPROC_DIR, or every worker would count in its own memory.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from receiver.config import default_web_concurrency, default_web_threads  # noqa: E402
+from receiver.config import DEFAULT_WEB_THREADS, default_web_concurrency  # noqa: E402
 
 workers = int(
     os.environ.get("WEB_CONCURRENCY")
     or default_web_concurrency(multiprocessing.cpu_count())
 )
-# Threaded workers (PostgreSQL's default) answer several callbacks at once, and those that arrive
-# together commit in one transaction (receiver/group_commit.py); one thread means sync workers,
-# one request per process, which is what SQLite gets by default.
-threads = int(os.environ.get("WEB_THREADS") or default_web_threads(os.environ.get("DATABASE_URL")))
+# Threaded workers (the default) answer several callbacks at once, and those that arrive together
+# commit in one transaction (receiver/group_commit.py); WEB_THREADS=1 means sync workers, one
+# request per process.
+threads = int(os.environ.get("WEB_THREADS") or DEFAULT_WEB_THREADS)
 worker_class = "gthread" if threads > 1 else "sync"
 
 

@@ -28,21 +28,18 @@ def default_web_concurrency(cores: int) -> int:
     write lock is pre-empted by others waiting for it (measured at 200 callbacks/s on 2 cores:
     p99 44 ms with 5 workers, 9 ms with 3, same throughput). Two SQLite workers wrote callbacks
     ~9 % faster, but under a flood of forged callbacks the genuine p99 doubled (docs/performance.md).
-    On PostgreSQL the workers are threaded (default_web_threads), and 3 x 8 threads took 790
+    The workers are threaded (DEFAULT_WEB_THREADS); on PostgreSQL 3 x 8 threads took 790
     callbacks/s where 5 x 8 took 635.
     """
     return cores + 1
 
 
-def default_web_threads(database_url: str | None) -> int:
-    """Threads per worker when WEB_THREADS is unset: 8 on PostgreSQL (group commit), 1 on SQLite.
-
-    Threaded workers let callbacks that arrive together share one transaction (group_commit.py).
-    On SQLite that doubled throughput too, but the p99 at 200 callbacks/s went from ~15 ms to
-    10-70 ms between runs, so SQLite keeps one request per (sync) worker until that is understood.
-    """
-    url = database_url or DEFAULT_DATABASE_URL
-    return 1 if url.startswith("sqlite") else 8
+# Threads per gunicorn worker when WEB_THREADS is unset, on either database. Callbacks that arrive
+# together in a threaded worker share one transaction (group_commit.py). SQLite had sync workers
+# until 2026-12-02, when threads had long given it a p99 of 10-70 ms at 200 callbacks/s; with the
+# writer turn and the WAL flushed after COMMIT that p99 is ~5 ms, and threads put SQLite ingest
+# ahead of sync workers (docs/performance.md).
+DEFAULT_WEB_THREADS = 8
 
 
 class ConfigError(Exception):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.config import ConfigError, default_web_concurrency, default_web_threads, load_settings
+from receiver.config import ConfigError, default_web_concurrency, load_settings
 from tests.support import ROOT, child_environ, fresh_settings_env
 
 
@@ -102,12 +102,27 @@ def test_env_example_lists_every_variable_the_code_reads() -> None:
     assert listed - read == set(), "variables documented but never read"
 
 
-def test_default_workers_and_threads_per_database() -> None:
-    """gunicorn.conf.py: cores + 1 workers; threaded (group commit) on PostgreSQL, sync on SQLite."""
+def test_default_workers_and_threads_per_database(tmp_path: Path) -> None:
+    """gunicorn.conf.py: cores + 1 workers, threaded (group commit) on either database unless WEB_THREADS says."""
     assert default_web_concurrency(2) == 3
     assert default_web_concurrency(4) == 5
-    assert default_web_threads("postgresql://root@127.0.0.1/db") == 8  # threaded: group commit
-    assert default_web_threads(None) == default_web_threads("sqlite:///x.db") == 1  # sync workers
+    probe = (
+        f"import json, runpy; c = runpy.run_path({str(ROOT / 'gunicorn.conf.py')!r}); "
+        "print(json.dumps([c['threads'], c['worker_class']]))"
+    )
+    seen = {}
+    for url, threads in [("sqlite:///x.db", ""), ("postgresql://root@127.0.0.1/db", ""), ("sqlite:///x.db", "1")]:
+        # Outside the checkout, so a developer's .env cannot set WEB_THREADS.
+        out = subprocess.run(
+            [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
+            env=child_environ({"DATABASE_URL": url, "WEB_THREADS": threads, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}),
+        ).stdout
+        seen[(url.split(":")[0], threads)] = tuple(json.loads(out.splitlines()[-1]))
+    assert seen == {
+        ("sqlite", ""): (8, "gthread"),
+        ("postgresql", ""): (8, "gthread"),
+        ("sqlite", "1"): (1, "sync"),
+    }
 
 
 def test_workers_freeze_the_loaded_app_out_of_full_collections(vectors: dict, tmp_path: Path) -> None:
