@@ -43,9 +43,10 @@ workers = int(
 )
 # Threaded workers (the default) answer several callbacks at once, and those that arrive together
 # commit in one transaction (receiver/group_commit.py); WEB_THREADS=1 means sync workers, one
-# request per process.
+# request per process. The threads accept connections themselves (receiver/gunicorn_worker.py),
+# which costs less per request than gunicorn's own threaded worker (gthread).
 threads = int(os.environ.get("WEB_THREADS") or DEFAULT_WEB_THREADS)
-worker_class = "gthread" if threads > 1 else "sync"
+worker_class = "receiver.gunicorn_worker.AcceptingThreadsWorker" if threads > 1 else "sync"
 
 
 def on_starting(server):  # noqa: ANN001, ANN201

@@ -66,7 +66,7 @@ from bench.server import HELLO_APP, MINIMAL_APP, PROJECT_APP, GunicornServer  # 
 from receiver.config import default_web_concurrency  # noqa: E402
 from receiver.db import normalise_url  # noqa: E402
 
-CORES_NOTE = "cores + 1; threads: WEB_THREADS or 8 (gthread)"
+CORES_NOTE = "cores + 1; threads: WEB_THREADS or 8 (receiver.gunicorn_worker)"
 
 
 def log(message: str = "") -> None:

@@ -119,8 +119,8 @@ def test_default_workers_and_threads_per_database(tmp_path: Path) -> None:
         ).stdout
         seen[(url.split(":")[0], threads)] = tuple(json.loads(out.splitlines()[-1]))
     assert seen == {
-        ("sqlite", ""): (8, "gthread"),
-        ("postgresql", ""): (8, "gthread"),
+        ("sqlite", ""): (8, "receiver.gunicorn_worker.AcceptingThreadsWorker"),
+        ("postgresql", ""): (8, "receiver.gunicorn_worker.AcceptingThreadsWorker"),
         ("sqlite", "1"): (1, "sync"),
     }
 

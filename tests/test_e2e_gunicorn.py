@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -75,6 +78,72 @@ def test_threaded_workers_close_each_connection_so_load_spreads(migrated_url, ve
         answers = [http.get(base + "/healthz", timeout=10) for _ in range(3)]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert [a.headers.get("Connection", "").lower() for a in answers] == ["close"] * 3
+
+
+def _post_together(base: str, signer, codes: list[str]) -> list:  # noqa: ANN001
+    """Post one ISSUE callback per code, all at once; the futures of their responses."""
+    pool = ThreadPoolExecutor(len(codes))
+    bodies = [callback_body(voucher_item(code, "ISSUE")) for code in codes]
+    futures = [pool.submit(requests.post, base + CALLBACK_PATH, data=b, headers=signer.headers(b), timeout=30) for b in bodies]
+    pool.shutdown(wait=False)
+    return futures
+
+
+def test_one_threaded_worker_answers_callbacks_at_once_and_commits_them_together(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
+    """The default worker (receiver.gunicorn_worker): one process takes callbacks in parallel threads.
+
+    The test holds the SQLite writer turn, so the first callback's transaction waits for it and the
+    others, arriving meanwhile in other threads of the same process, queue for the next group.
+    One sync worker would take them one at a time: six transactions.
+    """
+    from receiver.db import WriterTurn
+    from tests.support import Gunicorn, migrate
+
+    path = tmp_path / "receiver.db"
+    url = f"sqlite:///{path}"
+    migrate(url)
+    server = Gunicorn(fresh_settings_env(url, vectors, tmp_path), workers=1).start()
+    try:
+        with WriterTurn(f"{path}-writer.lock", 10).hold():
+            futures = _post_together(server.base, rm_signer, [f"PAR{i}" for i in range(6)])
+            time.sleep(1.5)  # every request is in the worker by now, its transaction waiting
+            assert not any(f.done() for f in futures), "no callback can commit while the test holds the turn"
+        answers = [f.result() for f in futures]
+        assert [(a.status_code, a.json()) for a in answers] == [(200, {"status": "accepted"})] * 6
+        metrics = requests.get(server.base + "/metrics", timeout=10).text
+        samples = dict(re.findall(r"^(rmvs_group_commit_callbacks_(?:count|sum)) (\S+)$", metrics, re.M))
+        assert float(samples["rmvs_group_commit_callbacks_sum"]) == 6
+        assert float(samples["rmvs_group_commit_callbacks_count"]) <= 3, samples
+    finally:
+        server.stop()
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM vouchers WHERE status = 'ISSUE'").fetchone() == (6,)
+
+
+def test_sigterm_lets_the_threads_finish_the_callbacks_in_hand(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
+    """A graceful stop (SIGTERM to the master) answers and commits every callback already accepted."""
+    from receiver.db import WriterTurn
+    from tests.support import Gunicorn, migrate
+
+    path = tmp_path / "receiver.db"
+    url = f"sqlite:///{path}"
+    migrate(url)
+    server = Gunicorn(fresh_settings_env(url, vectors, tmp_path), workers=1).start()
+    try:
+        with WriterTurn(f"{path}-writer.lock", 10).hold():
+            futures = _post_together(server.base, rm_signer, [f"TERM{i}" for i in range(4)])
+            time.sleep(1.0)
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)  # the worker has been told to stop while its threads wait for the turn
+            assert not any(f.done() for f in futures)
+        answers = [f.result() for f in futures]
+        assert [a.status_code for a in answers] == [200] * 4
+        assert server.proc.wait(timeout=15) == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(server.base + "/healthz", timeout=5)
+    finally:
+        server.stop()
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM vouchers WHERE code LIKE 'TERM%'").fetchone() == (4,)
 
 
 def test_sqlite_locked_database_is_503_then_recovers(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
