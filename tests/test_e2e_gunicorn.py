@@ -11,21 +11,26 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from receiver.db import make_engine, make_session_factory
+from receiver.db import WriterTurn, make_engine, make_session_factory
 from receiver.models import Voucher, VoucherEvent, WebhookDelivery
 from tests.support import (
     CALLBACK_PATH,
     ROOT,
+    Gunicorn,
     TcpProxy,
     callback_body,
     fresh_settings_env,
     gunicorn_server,
+    migrate,
     voucher_item,
 )
 
@@ -80,75 +85,74 @@ def test_threaded_workers_close_each_connection_so_load_spreads(migrated_url, ve
     assert [a.headers.get("Connection", "").lower() for a in answers] == ["close"] * 3
 
 
-def _post_together(base: str, signer, codes: list[str]) -> list:  # noqa: ANN001
-    """Post one ISSUE callback per code, all at once; the futures of their responses."""
-    pool = ThreadPoolExecutor(len(codes))
-    bodies = [callback_body(voucher_item(code, "ISSUE")) for code in codes]
-    futures = [pool.submit(requests.post, base + CALLBACK_PATH, data=b, headers=signer.headers(b), timeout=30) for b in bodies]
-    pool.shutdown(wait=False)
-    return futures
-
-
-def test_one_threaded_worker_answers_callbacks_at_once_and_commits_them_together(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
-    """The default worker (receiver.gunicorn_worker): one process takes callbacks in parallel threads.
-
-    The test holds the SQLite writer turn, so the first callback's transaction waits for it and the
-    others, arriving meanwhile in other threads of the same process, queue for the next group.
-    One sync worker would take them one at a time: six transactions.
-    """
-    from receiver.db import WriterTurn
-    from tests.support import Gunicorn, migrate
-
+@contextmanager
+def _one_worker(tmp_path, vectors) -> Iterator[tuple[Gunicorn, Path]]:  # noqa: ANN001
+    """One web worker, with the default threads, on a fresh SQLite file: (server, the file)."""
     path = tmp_path / "receiver.db"
     url = f"sqlite:///{path}"
     migrate(url)
     server = Gunicorn(fresh_settings_env(url, vectors, tmp_path), workers=1).start()
     try:
-        with WriterTurn(f"{path}-writer.lock", 10).hold():
-            futures = _post_together(server.base, rm_signer, [f"PAR{i}" for i in range(6)])
-            time.sleep(1.5)  # every request is in the worker by now, its transaction waiting
-            assert not any(f.done() for f in futures), "no callback can commit while the test holds the turn"
+        yield server, path
+    finally:
+        server.stop()
+
+
+@contextmanager
+def _callbacks_waiting_for_the_turn(server: Gunicorn, path: Path, signer, codes: list[str]) -> Iterator[list]:  # noqa: ANN001
+    """One ISSUE callback per code, posted all at once while the test holds the SQLite writer turn.
+
+    Yields the futures of their responses once every request is in the worker, its transaction
+    waiting for the turn; the turn is released when the block ends.
+    """
+    with WriterTurn(f"{path}-writer.lock", 10).hold():
+        pool = ThreadPoolExecutor(len(codes))
+        bodies = [callback_body(voucher_item(code, "ISSUE")) for code in codes]
+        futures = [
+            pool.submit(requests.post, server.base + CALLBACK_PATH, data=b, headers=signer.headers(b), timeout=30)
+            for b in bodies
+        ]
+        pool.shutdown(wait=False)
+        time.sleep(1.0)
+        assert not any(f.done() for f in futures), "no callback can commit while the test holds the turn"
+        yield futures
+
+
+def test_one_threaded_worker_answers_callbacks_at_once_and_commits_them_together(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
+    """The default worker (receiver.gunicorn_worker): one process takes callbacks in parallel threads.
+
+    The first callback's transaction waits for the writer turn the test holds, and the others,
+    arriving meanwhile in other threads of the same process, queue for the next group. One sync
+    worker would take them one at a time: six transactions.
+    """
+    with _one_worker(tmp_path, vectors) as (server, path):
+        with _callbacks_waiting_for_the_turn(server, path, rm_signer, [f"PAR{i}" for i in range(6)]) as futures:
+            pass
         answers = [f.result() for f in futures]
         assert [(a.status_code, a.json()) for a in answers] == [(200, {"status": "accepted"})] * 6
         metrics = requests.get(server.base + "/metrics", timeout=10).text
         samples = dict(re.findall(r"^(rmvs_group_commit_callbacks_(?:count|sum)) (\S+)$", metrics, re.M))
         assert float(samples["rmvs_group_commit_callbacks_sum"]) == 6
         assert float(samples["rmvs_group_commit_callbacks_count"]) <= 3, samples
-    finally:
-        server.stop()
     assert sqlite3.connect(path).execute("SELECT count(*) FROM vouchers WHERE status = 'ISSUE'").fetchone() == (6,)
 
 
 def test_sigterm_lets_the_threads_finish_the_callbacks_in_hand(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
     """A graceful stop (SIGTERM to the master) answers and commits every callback already accepted."""
-    from receiver.db import WriterTurn
-    from tests.support import Gunicorn, migrate
-
-    path = tmp_path / "receiver.db"
-    url = f"sqlite:///{path}"
-    migrate(url)
-    server = Gunicorn(fresh_settings_env(url, vectors, tmp_path), workers=1).start()
-    try:
-        with WriterTurn(f"{path}-writer.lock", 10).hold():
-            futures = _post_together(server.base, rm_signer, [f"TERM{i}" for i in range(4)])
-            time.sleep(1.0)
+    with _one_worker(tmp_path, vectors) as (server, path):
+        with _callbacks_waiting_for_the_turn(server, path, rm_signer, [f"TERM{i}" for i in range(4)]) as futures:
             assert server.proc is not None
             server.proc.send_signal(signal.SIGTERM)
             time.sleep(1.0)  # the worker has been told to stop while its threads wait for the turn
             assert not any(f.done() for f in futures)
-        answers = [f.result() for f in futures]
-        assert [a.status_code for a in answers] == [200] * 4
+        assert [f.result().status_code for f in futures] == [200] * 4
         assert server.proc.wait(timeout=15) == 0
         with pytest.raises(requests.ConnectionError):
             requests.get(server.base + "/healthz", timeout=5)
-    finally:
-        server.stop()
     assert sqlite3.connect(path).execute("SELECT count(*) FROM vouchers WHERE code LIKE 'TERM%'").fetchone() == (4,)
 
 
 def test_sqlite_locked_database_is_503_then_recovers(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
-    from tests.support import migrate
-
     path = tmp_path / "receiver.db"
     url = f"sqlite:///{path}"
     migrate(url)
@@ -173,8 +177,6 @@ def test_sqlite_locked_database_is_503_then_recovers(tmp_path, vectors, rm_signe
 @pytest.mark.postgres
 def test_postgres_outage_is_503_then_recovers_without_restart(postgres_admin_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
     from tests.conftest import create_postgres_database, drop_postgres_database
-    from tests.support import migrate
-
     real_url = create_postgres_database(postgres_admin_url)
     proxy = None
     try:
