@@ -36,8 +36,8 @@ def default_web_concurrency(cores: int) -> int:
 
 # Threads per gunicorn worker when WEB_THREADS is unset, on either database. Callbacks that arrive
 # together in a threaded worker share one transaction (group_commit.py). SQLite had sync workers
-# until 2026-12-02, when threads had long given it a p99 of 10-70 ms at 200 callbacks/s; with the
-# writer turn and the WAL flushed after COMMIT that p99 is ~5 ms, and threads put SQLite ingest
+# until 2026-12-02, because threads had given it a p99 of 10-70 ms at 200 callbacks/s; since the
+# writer turn and the WAL flush after COMMIT that p99 is ~5 ms, and threads put SQLite ingest
 # ahead of sync workers (docs/performance.md).
 DEFAULT_WEB_THREADS = 8
 
