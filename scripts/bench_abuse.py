@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from bench import stop_cleanly_on_sigterm  # noqa: E402
 from receiver.config import default_web_concurrency  # noqa: E402
 from receiver.db import normalise_url  # noqa: E402
 from receiver.models import WebhookDelivery  # noqa: E402
@@ -86,6 +87,7 @@ def stored_rejections(url: str) -> int:
 
 
 def main() -> int:
+    stop_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database-url", help="PostgreSQL server URL (a throwaway database is created); default SQLite")
     parser.add_argument("--seconds", type=float, default=10.0)

@@ -29,6 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import requests  # noqa: E402
 
+from bench import stop_cleanly_on_sigterm  # noqa: E402
 from bench.callbacks import signed_records  # noqa: E402  (scripts/bench)
 from bench.fake_rm_process import fake_rm_process, rm_env  # noqa: E402
 from bench.loadgen import run_fixed_rate  # noqa: E402
@@ -63,6 +64,7 @@ def _reconcile(job: tuple[dict[str, str], bool]) -> dict:
 
 
 def main() -> int:
+    stop_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database-url", help="PostgreSQL server URL (a throwaway database is created); default SQLite")
     parser.add_argument("--seconds", type=float, default=10.0)

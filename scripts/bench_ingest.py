@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
+from bench import stop_cleanly_on_sigterm  # noqa: E402
 from bench import cpu, loadgen  # noqa: E402
 from bench.callbacks import VECTORS, Record, signed_records, write_request_file  # noqa: E402
 from bench.databases import DEFAULT_PG, Database  # noqa: E402
@@ -637,6 +638,7 @@ def reexec_from_snapshot(what: str) -> None:
 
 
 def main() -> int:
+    stop_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
     parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", DEFAULT_PG),

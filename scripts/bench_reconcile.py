@@ -22,6 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import requests  # noqa: E402
 
+from bench import stop_cleanly_on_sigterm  # noqa: E402
 from bench import cpu  # noqa: E402  (scripts/bench)
 from receiver.backfill import backfill  # noqa: E402
 from receiver.client import RMClient  # noqa: E402
@@ -38,6 +39,7 @@ def _process_cores(before: cpu.CpuSample, after: cpu.CpuSample, pid: int) -> flo
 
 
 def main() -> int:
+    stop_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vouchers", type=int, default=10_000)
     parser.add_argument("--latency-ms", type=float, default=50.0)

@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
+from bench import stop_cleanly_on_sigterm  # noqa: E402
 from bench import cpu, loadgen  # noqa: E402
 from bench.callbacks import VECTORS, signed_records, write_request_file  # noqa: E402
 from bench.databases import DEFAULT_PG, Database  # noqa: E402
@@ -62,6 +63,7 @@ def checkout(rev: str | None, workdir: Path) -> tuple[Path, str]:
 
 
 def main() -> int:
+    stop_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("servers", nargs=2, metavar="APP[@REV]")
     parser.add_argument("--db", choices=("postgresql", "sqlite"), default="postgresql")
