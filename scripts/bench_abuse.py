@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from bench import stop_cleanly_on_sigterm  # noqa: E402
 from receiver.config import default_web_concurrency  # noqa: E402
 from receiver.db import normalise_url  # noqa: E402
 from receiver.models import WebhookDelivery  # noqa: E402
+from scripts.bench import stop_cleanly_on_sigterm  # noqa: E402
 from scripts.bench.callbacks import Record, signed_records  # noqa: E402
 from scripts.bench.loadgen import run_fixed_rate, run_flood  # noqa: E402
 from tests.support import Gunicorn, fresh_settings_env, migrate  # noqa: E402

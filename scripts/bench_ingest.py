@@ -58,8 +58,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from bench import stop_cleanly_on_sigterm  # noqa: E402
-from bench import cpu, loadgen  # noqa: E402
+from bench import cpu, loadgen, stop_cleanly_on_sigterm  # noqa: E402
 from bench.callbacks import VECTORS, Record, signed_records, write_request_file  # noqa: E402
 from bench.databases import DEFAULT_PG, Database  # noqa: E402
 from bench.growth import load_history  # noqa: E402

@@ -22,8 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import requests  # noqa: E402
 
-from bench import stop_cleanly_on_sigterm  # noqa: E402
-from bench import cpu  # noqa: E402  (scripts/bench)
+from bench import cpu, stop_cleanly_on_sigterm  # noqa: E402  (scripts/bench)
 from receiver.backfill import backfill  # noqa: E402
 from receiver.client import RMClient  # noqa: E402
 from receiver.config import load_settings  # noqa: E402

@@ -34,8 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench import stop_cleanly_on_sigterm  # noqa: E402
-from bench import cpu, loadgen  # noqa: E402
+from bench import cpu, loadgen, stop_cleanly_on_sigterm  # noqa: E402
 from bench.callbacks import VECTORS, signed_records, write_request_file  # noqa: E402
 from bench.databases import DEFAULT_PG, Database  # noqa: E402
 from bench.server import MINIMAL_APP, PROJECT_APP, GunicornServer  # noqa: E402
