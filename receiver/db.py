@@ -24,6 +24,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import pg_pipeline
+
 
 class WriterTurnTimeout(Exception):
     """Another writer held the SQLite write turn for the whole busy timeout: the database is locked."""
@@ -125,6 +127,7 @@ def make_engine(
         )
         _ping_when_idle(engine)
         _begin_before_other_statements(engine)
+        _statements_prepared_by_pg_pipeline(engine)
     _engines.add(engine)
     return engine
 
@@ -775,12 +778,20 @@ def _memo_if_time(key: tuple, type_: Any, process: Callable[[Any], Any] | None) 
 class _Compiled:
     """One dialect's compiled form of a Direct statement."""
 
-    __slots__ = ("sql", "bound", "fixed", "processors", "returns_rows")
+    __slots__ = ("sql", "bound", "fixed", "processors", "returns_rows", "_numbered")
 
     def __init__(self, sql: str, bound: tuple, fixed: dict[str, Any]) -> None:
         self.sql, self.bound, self.fixed = sql, bound, fixed
         self.processors = dict(bound)
         self.returns_rows: bool | None = None  # learnt from the first execution
+        self._numbered: bytes | None = None
+
+    @property
+    def numbered(self) -> bytes:
+        """PostgreSQL: the SQL with ``$n`` placeholders, for pg_pipeline."""
+        if self._numbered is None:
+            self._numbered = pg_pipeline.numbered(self.sql)
+        return self._numbered
 
 
 # A Direct statement's compiled form and its positional arguments, made by Direct.bind.
@@ -838,6 +849,14 @@ def _begin_before_other_statements(engine: Engine) -> None:
     def _begin_first(conn, cursor, _statement, _parameters, _context, _executemany) -> None:  # noqa: ANN001
         if _begin_pending(conn):
             cursor.execute("BEGIN")
+
+
+def _statements_prepared_by_pg_pipeline(engine: Engine) -> None:
+    """psycopg prepares nothing itself: it answers a ROLLBACK with DEALLOCATE ALL, which would drop pg_pipeline's statements."""
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_preparing(dbapi_connection, _record) -> None:  # noqa: ANN001
+        dbapi_connection.prepare_threshold = None
 
 
 class Direct:
@@ -898,8 +917,8 @@ class Direct:
 
     def run_bound(self, conn: Connection, bound: Bound) -> list[tuple]:
         """``rows`` with the arguments ``bind`` made for ``conn``'s dialect."""
-        if _begin_pending(conn):
-            return _send_together(conn, [bound], begin=True)[0]
+        if conn.dialect.name == "postgresql":
+            return _send_together(conn, [bound], begin=_begin_pending(conn))[0]
         compiled, args = bound
         cursor = conn.connection.cursor()
         try:
@@ -927,7 +946,7 @@ def _fetch(compiled: _Compiled, cursor: Any) -> list[tuple]:
 def pipelined(
     conn: Connection, calls: Sequence[tuple[Direct, Mapping[str, Any]]], *, commit: bool = False
 ) -> list[list[tuple]]:
-    """PostgreSQL: run Direct statements in order in one round trip (psycopg's pipeline mode); each one's rows.
+    """PostgreSQL: run Direct statements in order in one round trip (pg_pipeline); each one's rows.
 
     Only for statements whose parameters do not depend on each other's results. A transaction's
     BEGIN still to be sent goes with them (begin_with_first_statements). An error in any
@@ -939,40 +958,30 @@ def pipelined(
     sends no COMMIT when the server has no transaction open).
     """
     begin = _begin_pending(conn)
-    if len(calls) < 2 and not begin and not commit:
-        # Nothing to send together; pipeline mode would only add its own cost.
-        return [statement.rows(conn, params) for statement, params in calls]
+    if not calls and not begin and not commit:
+        return []
     prepared = [statement.prepare(conn, params) for statement, params in calls]
     return _send_together(conn, prepared, begin=begin, commit=commit)
 
 
 def _send_together(conn: Connection, prepared: Sequence[Bound], *, begin: bool, commit: bool = False) -> list[list[tuple]]:
-    """``pipelined`` with the statements bound, BEGIN first if ``begin``, COMMIT last if ``commit``."""
+    """``pipelined`` with the statements bound, BEGIN first if ``begin``, COMMIT last if ``commit`` (pg_pipeline)."""
     driver = conn.connection.driver_connection
-    cursors: list[Any] = []
-    # What an error names if it comes before any statement is sent.
-    sql, args = ("BEGIN", None) if begin else (prepared[0][0].sql, prepared[0][1]) if prepared else ("COMMIT", None)
+    if not begin and not driver.autocommit and driver.info.transaction_status == _PG_IDLE:
+        # A transaction psycopg has yet to begin (it sends its BEGIN with its first execute): ours opens it.
+        begin = True
     try:
-        with driver.pipeline():
-            if begin:
-                cursors.append(driver.cursor())
-                cursors[-1].execute(sql)
-            for compiled, args in prepared:
-                sql = compiled.sql
-                cursors.append(driver.cursor())
-                cursors[-1].execute(sql, args)
-            if commit:
-                # Errors name the last statement: the server skips the COMMIT after one of theirs.
-                cursors.append(driver.cursor())
-                cursors[-1].execute("COMMIT")
-        statements = cursors[1:] if begin else cursors
-        return [_fetch(compiled, cursor) for (compiled, _args), cursor in zip(prepared, statements)]
+        return pg_pipeline.send_together(
+            driver,
+            [(compiled.numbered, args) for compiled, args in prepared],
+            begin=begin,
+            commit=commit,
+        )
     except Exception as error:  # noqa: BLE001 - SQLAlchemy wraps it (and invalidates a dead connection)
-        # Which statement failed is not known here; the error names the last one sent.
-        conn._handle_dbapi_exception(error, sql, args, cursors[-1] if cursors else None, None)
-    finally:
-        for cursor in cursors:
-            cursor.close()
+        # The error names the statement that failed (pg_pipeline), if it was one of them.
+        index = getattr(error, "pipeline_index", None)
+        sql, args = (prepared[index][0].sql, prepared[index][1]) if index is not None else (f"{len(prepared)} statements sent together", None)
+        conn._handle_dbapi_exception(error, sql, args, None, None)
 
 
 def connection_of(target: Session | Connection) -> Connection:

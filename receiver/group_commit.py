@@ -7,8 +7,8 @@ committing wait for it and then commit together in the next one, so under load o
 lock and one flush serve many callbacks. Nothing is delayed on purpose: a callback that finds no
 transaction in progress starts one at once (at low load every batch holds one callback).
 
-On PostgreSQL the group's statements go to the server together (psycopg's pipeline mode,
-deliveries.accept_verified_together): the transaction waits for the server twice (BEGIN with the
+On PostgreSQL the group's statements go to the server together, in one message each way
+(pg_pipeline, deliveries.accept_verified_together): the transaction waits for the server twice (BEGIN with the
 delivery inserts; the voucher writes and events with the COMMIT; db.begin_with_first_statements,
 db.pipelined) whatever the group's size, where one statement at a time it waited twice per
 callback besides BEGIN and COMMIT.

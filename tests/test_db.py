@@ -7,6 +7,7 @@ import time
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
 
 from receiver import db as db_module
 from tests.conftest import create_postgres_database, drop_postgres_database
@@ -144,6 +145,19 @@ def test_a_transaction_that_sends_begin_with_its_first_statements_is_still_one_t
             db_module.pipelined(conn, [(insert, {"v": 10}), (insert, {"v": 11}), (insert, {"v": 3}), (insert, {"v": 12})], commit=True)
         assert "duplicate key" in str(caught.value)
         assert rows() == [3, 4, 5, 8, 9]
+
+        # In a transaction psycopg has yet to begin (not autocommit, as an ORM Session's): ours begins it.
+        for first in ("direct", "pipelined"):
+            with Session(engine) as session:
+                conn = session.connection()
+                assert not conn.connection.driver_connection.autocommit
+                if first == "direct":
+                    assert insert.first(conn, {"v": 20}) == (20,)
+                else:
+                    assert db_module.pipelined(conn, [(insert, {"v": 20}), (insert, {"v": 21})]) == [[(20,)], [(21,)]]
+                assert conn.connection.driver_connection.info.transaction_status != 0
+                session.rollback()
+            assert rows() == [3, 4, 5, 8, 9], first
 
         with engine.connect() as conn:  # the same pooled connection, given back in its own mode
             driver = conn.connection.driver_connection
