@@ -23,7 +23,7 @@ import os
 from datetime import datetime, timezone
 
 from flask import Flask, Response, jsonify, request
-from sqlalchemy import Column, Integer, MetaData, Table, Text, insert
+from sqlalchemy import Column, Integer, MetaData, Table, Text, event, insert
 
 from receiver.config import load_settings
 from receiver.db import make_engine
@@ -79,6 +79,13 @@ def create_minimal_app() -> Flask:
         pool_size=settings.db_pool_size,
         sqlite_sync_after_commit=os.environ.get("BENCH_MINIMAL_WAL_SYNC") == "1",
     )
+    if engine.dialect.name == "postgresql":
+        @event.listens_for(engine, "connect")
+        def _driver_prepares(dbapi_connection, _record) -> None:  # noqa: ANN001
+            # make_engine turns psycopg's own preparing off for the project's pg_pipeline; a plain
+            # receiver has it (its insert is prepared from the fifth execution on a connection).
+            dbapi_connection.prepare_threshold = 5
+
     statement = insert(minimal_table)
     app = Flask(__name__)
     _healthz(app)
