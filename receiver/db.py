@@ -842,6 +842,18 @@ def _begin_pending(conn: Connection) -> bool:
     )
 
 
+def _direct_begins(conn: Connection) -> bool:
+    """Whether a Direct statement must send this transaction's BEGIN: one still pending, or one psycopg has yet to send.
+
+    psycopg sends the BEGIN of a transaction not in autocommit with its first execute; Direct
+    statements skip execute (pg_pipeline), so they send it themselves.
+    """
+    driver = conn.connection.driver_connection
+    return driver.info.transaction_status == _PG_IDLE and (
+        not driver.autocommit or bool(conn.get_execution_options().get(_BEGIN_WITH_FIRST))
+    )
+
+
 def _begin_before_other_statements(engine: Engine) -> None:
     """A statement that is not a Direct one, first in its transaction, has the BEGIN sent before it."""
 
@@ -860,7 +872,7 @@ def _statements_prepared_by_pg_pipeline(engine: Engine) -> None:
 
 
 class Direct:
-    """A Core statement compiled once per dialect and run straight on the DBAPI cursor.
+    """A Core statement compiled once per dialect and run straight on the DBAPI cursor (PostgreSQL: pg_pipeline).
 
     SQLAlchemy's execute() spends about 60-120 us of Python per statement on an execution
     context, parameter processing and result set-up; on the callback hot path (four statements)
@@ -918,7 +930,7 @@ class Direct:
     def run_bound(self, conn: Connection, bound: Bound) -> list[tuple]:
         """``rows`` with the arguments ``bind`` made for ``conn``'s dialect."""
         if conn.dialect.name == "postgresql":
-            return _send_together(conn, [bound], begin=_begin_pending(conn))[0]
+            return _send_together(conn, [bound])[0]
         compiled, args = bound
         cursor = conn.connection.cursor()
         try:
@@ -957,24 +969,19 @@ def pipelined(
     (nothing is committed), and the owner's own commit then finds nothing left to do (psycopg
     sends no COMMIT when the server has no transaction open).
     """
-    begin = _begin_pending(conn)
-    if not calls and not begin and not commit:
+    if not calls and not commit and not _direct_begins(conn):
         return []
     prepared = [statement.prepare(conn, params) for statement, params in calls]
-    return _send_together(conn, prepared, begin=begin, commit=commit)
+    return _send_together(conn, prepared, commit=commit)
 
 
-def _send_together(conn: Connection, prepared: Sequence[Bound], *, begin: bool, commit: bool = False) -> list[list[tuple]]:
-    """``pipelined`` with the statements bound, BEGIN first if ``begin``, COMMIT last if ``commit`` (pg_pipeline)."""
-    driver = conn.connection.driver_connection
-    if not begin and not driver.autocommit and driver.info.transaction_status == _PG_IDLE:
-        # A transaction psycopg has yet to begin (it sends its BEGIN with its first execute): ours opens it.
-        begin = True
+def _send_together(conn: Connection, prepared: Sequence[Bound], *, commit: bool = False) -> list[list[tuple]]:
+    """``pipelined`` with the statements bound: the transaction's BEGIN first if it is to be sent (_direct_begins), COMMIT last if ``commit``."""
     try:
         return pg_pipeline.send_together(
-            driver,
+            conn.connection.driver_connection,
             [(compiled.numbered, args) for compiled, args in prepared],
-            begin=begin,
+            begin=_direct_begins(conn),
             commit=commit,
         )
     except Exception as error:  # noqa: BLE001 - SQLAlchemy wraps it (and invalidates a dead connection)

@@ -136,8 +136,7 @@ def send_together(
 def _flush(pgconn: Any) -> None:
     """Send everything buffered, reading answers meanwhile so neither side's buffer fills up and blocks the other."""
     while pgconn.flush():
-        readable, _writable = _wait(pgconn, write=True)
-        if readable:
+        if _wait(pgconn, write=True):
             pgconn.consume_input()
 
 
@@ -149,7 +148,8 @@ def _next_result(pgconn: Any) -> Any:
     return pgconn.get_result()
 
 
-def _wait(pgconn: Any, *, write: bool) -> tuple[bool, bool]:
+def _wait(pgconn: Any, *, write: bool) -> bool:
+    """Block until the socket is readable (or writable, if ``write``); whether there is something to read."""
     poller = select.poll()
     poller.register(pgconn.socket, select.POLLIN | (select.POLLOUT if write else 0))
     events = 0
@@ -158,5 +158,5 @@ def _wait(pgconn: Any, *, write: bool) -> tuple[bool, bool]:
             pass
     if events & ~(select.POLLIN | select.POLLOUT):
         # Hang-up or error: let libpq read it and report the connection as broken.
-        return True, False
-    return bool(events & select.POLLIN), bool(events & select.POLLOUT)
+        return True
+    return bool(events & select.POLLIN)
