@@ -71,6 +71,7 @@ class Settings:
     ops_api_token: str | None = field(default=None, repr=False)
     sqlite_synchronous: str = "FULL"
     sqlite_busy_timeout_seconds: float = 10.0
+    db_statement_timeout_seconds: float = 10.0
     db_pool_size: int = 10
     log_level: str = "INFO"
     log_format: str = "text"
@@ -259,6 +260,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ops_api_token=_get(env, "OPS_API_TOKEN"),
         sqlite_synchronous=synchronous,
         sqlite_busy_timeout_seconds=_float(env, "SQLITE_BUSY_TIMEOUT_SECONDS", 10.0),
+        db_statement_timeout_seconds=_float(env, "DB_STATEMENT_TIMEOUT_SECONDS", 10.0),
         db_pool_size=_int(env, "DB_POOL_SIZE", 10, minimum=1, maximum=200),
         log_level=log_level,
         log_format=log_format,

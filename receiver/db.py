@@ -101,13 +101,15 @@ def make_engine(
     sqlite_busy_timeout: float = 10.0,
     pool_size: int = 10,
     sqlite_sync_after_commit: bool = True,
+    statement_timeout: float | None = None,
 ) -> Engine:
     """Create an engine tuned for this service: WAL + BEGIN IMMEDIATE on SQLite, a checked pool on PostgreSQL.
 
     SQLite with ``sqlite_synchronous="FULL"`` makes every commit durable before commit() returns.
     By default it does so with WalSync (the WAL is flushed right after the commit, outside SQLite's
     write lock); ``sqlite_sync_after_commit=False`` leaves it to SQLite's own FULL (flushed inside
-    the commit), which the benchmarks' baseline receiver uses.
+    the commit), which the benchmarks' baseline receiver uses. ``statement_timeout`` (seconds,
+    PostgreSQL) bounds how long a statement may wait: see _bounded_waits.
     """
     url = normalise_url(url)
     parsed = make_url(url)
@@ -123,8 +125,14 @@ def make_engine(
             max_overflow=pool_size,
             pool_timeout=5,
             pool_recycle=1800,
-            connect_args={"connect_timeout": 5, "application_name": "rm-voucher-sync"},
+            connect_args={
+                "connect_timeout": 5,
+                "application_name": "rm-voucher-sync",
+                **_bounded_waits(parsed.query, statement_timeout),
+            },
         )
+        if statement_timeout is not None:
+            _give_up_on_silence(engine, statement_timeout + ANSWER_GRACE_SECONDS)
         _ping_when_idle(engine)
         _begin_before_other_statements(engine)
         _statements_prepared_by_pg_pipeline(engine)
@@ -149,10 +157,44 @@ def once_more_if_connection_died(work: Callable[[], T]) -> T:
     try:
         return work()
     except exc.DBAPIError as error:
-        if not error.connection_invalidated:
+        # A server that answered nothing for the whole patience is hung, not restarted: asking it
+        # again would only double the wait before the 503.
+        if not error.connection_invalidated or isinstance(error.orig, pg_pipeline.NoAnswer):
             raise
         log.warning("database connection found dead, retrying once on a new one: %s", type(error.orig).__name__)
     return work()
+
+
+# How much longer than the statement timeout a client waits for an answer before it gives the
+# connection up: the server's own cancel (a clean error, the connection kept) normally comes first.
+ANSWER_GRACE_SECONDS = 2.0
+
+
+def _bounded_waits(query: Mapping[str, Any], statement_timeout: float | None) -> dict[str, Any]:
+    """libpq settings so that no request waits on PostgreSQL for ever (the URL's own settings win).
+
+    A callback that waits on a row lock (an operator's open transaction), a stuck server or a
+    silent network holds a worker thread, and with them its pool connection; enough of them and
+    the service answers nothing, while RM stops retrying after five minutes. The server cancels
+    any statement that runs longer than ``statement_timeout`` (the transaction rolls back, the
+    caller answers 503), and TCP keepalives find a peer that vanished. A server that still holds
+    the connection open but answers nothing is pg_pipeline's patience (_give_up_on_silence).
+    """
+    if statement_timeout is None:
+        return {}
+    milliseconds = max(1, round(statement_timeout * 1000))
+    given = query.get("options")
+    options = " ".join(o for o in ((given if isinstance(given, str) else " ".join(given or ())), f"-c statement_timeout={milliseconds}") if o)
+    keepalives = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
+    return {"options": options, **{k: v for k, v in keepalives.items() if k not in query}}
+
+
+def _give_up_on_silence(engine: Engine, seconds: float) -> None:
+    """pg_pipeline closes a connection whose server stays silent for ``seconds`` while an answer is due."""
+
+    @event.listens_for(engine, "connect")
+    def _patience(dbapi_connection, _record) -> None:  # noqa: ANN001
+        pg_pipeline.wait_at_most(dbapi_connection, seconds)
 
 
 def _ping_when_idle(engine: Engine) -> None:

@@ -19,6 +19,10 @@ cannot infer), as it does for psycopg's text parameters. Results are loaded by p
 loaders, so rows come back as psycopg's cursors would return them; a server error is raised as
 the psycopg exception for its SQLSTATE, and a broken connection leaves psycopg's connection
 ``broken``, so SQLAlchemy wraps both exactly as for any other statement.
+
+A connection may be given a patience (``wait_at_most``, from DB_STATEMENT_TIMEOUT_SECONDS): a
+server that stays silent that long while an answer is due is taken for hung, and the connection
+is closed (NoAnswer) instead of holding the request for ever.
 """
 
 from __future__ import annotations
@@ -44,12 +48,30 @@ def numbered(format_sql: str) -> bytes:
     return _PLACEHOLDER.sub(lambda m: "%" if m.group(1) == "%" else f"${next(counter)}", format_sql).encode("utf-8")
 
 
+class NoAnswer(errors.OperationalError):
+    """The server stayed silent for the connection's patience (wait_at_most) while an answer was due; the connection is closed."""
+
+
 class _Session:
-    __slots__ = ("prepared", "transformer")
+    __slots__ = ("prepared", "transformer", "patience_ms")
 
     def __init__(self, driver: Connection) -> None:
         self.prepared: dict[bytes, bytes] = {}
         self.transformer = Transformer.from_context(driver)
+        # How long the server may stay silent while an answer is due (poll's milliseconds; -1: for ever).
+        self.patience_ms = -1
+
+
+def _session(driver: Connection) -> _Session:
+    session = _sessions.get(driver)
+    if session is None:
+        session = _sessions[driver] = _Session(driver)
+    return session
+
+
+def wait_at_most(driver: Connection, seconds: float | None) -> None:
+    """From now on, give ``driver`` up (closed, NoAnswer) when its server stays silent for ``seconds`` while an answer is due."""
+    _session(driver).patience_ms = -1 if seconds is None else max(1, round(seconds * 1000))
 
 
 _BEGIN, _COMMIT = b"BEGIN", b"COMMIT"
@@ -66,9 +88,8 @@ def send_together(
     the rest, the COMMIT included, and the first error is raised once every answer is read, so the
     connection is left ready for the owner's ROLLBACK.
     """
-    session = _sessions.get(driver)
-    if session is None:
-        session = _sessions[driver] = _Session(driver)
+    session = _session(driver)
+    patience = session.patience_ms
     pgconn = driver.pgconn
     transformer = session.transformer
     # What each answer in the pipeline belongs to: None for BEGIN/COMMIT, else (statement's index, sql, name, is_parse).
@@ -92,11 +113,11 @@ def send_together(
             pgconn.send_query_params(_COMMIT, None)
             expected.append(None)
         pgconn.pipeline_sync()
-        _flush(pgconn)
+        _flush(pgconn, patience)
         rows: list[list[tuple]] = []
         failure: errors.Error | None = None
         for what in expected:
-            result = _next_result(pgconn)
+            result = _next_result(pgconn, patience)
             status = result.status
             if status == pq.ExecStatus.FATAL_ERROR:
                 if result.error_field(pq.DiagnosticField.SQLSTATE) == _NO_SUCH_STATEMENT:
@@ -117,9 +138,9 @@ def send_together(
                 else:
                     rows.append([])
             # Each statement's answer ends with "no more results".
-            while _next_result(pgconn) is not None:
+            while _next_result(pgconn, patience) is not None:
                 pass
-        sync = _next_result(pgconn)
+        sync = _next_result(pgconn, patience)
         if sync.status != pq.ExecStatus.PIPELINE_SYNC:
             raise errors.InternalError(f"unexpected answer at the end of a pipeline: {pq.ExecStatus(sync.status).name}")
         pgconn.exit_pipeline_mode()
@@ -133,29 +154,33 @@ def send_together(
     return rows
 
 
-def _flush(pgconn: Any) -> None:
+def _flush(pgconn: Any, patience: int) -> None:
     """Send everything buffered, reading answers meanwhile so neither side's buffer fills up and blocks the other."""
     while pgconn.flush():
-        if _wait(pgconn, write=True):
+        if _wait(pgconn, patience, write=True):
             pgconn.consume_input()
 
 
-def _next_result(pgconn: Any) -> Any:
+def _next_result(pgconn: Any, patience: int) -> Any:
     """The pipeline's next result (None between statements), waiting for the server as needed."""
     while pgconn.is_busy():
-        _wait(pgconn, write=False)
+        _wait(pgconn, patience, write=False)
         pgconn.consume_input()
     return pgconn.get_result()
 
 
-def _wait(pgconn: Any, *, write: bool) -> bool:
-    """Block until the socket is readable (or writable, if ``write``); whether there is something to read."""
+def _wait(pgconn: Any, patience: int, *, write: bool) -> bool:
+    """Block until the socket is readable (or writable, if ``write``); whether there is something to read.
+
+    OperationalError if nothing happens for ``patience`` milliseconds (-1: wait for ever).
+    """
     poller = select.poll()
     poller.register(pgconn.socket, select.POLLIN | (select.POLLOUT if write else 0))
-    events = 0
-    while not events:
-        for _fd, events in poller.poll():
-            pass
+    ready = poller.poll(patience)
+    if not ready:
+        # send_together closes the connection on the way out, so it is never used again.
+        raise NoAnswer(f"no answer from the database server for {patience / 1000:g} s")
+    events = ready[0][1]
     if events & ~(select.POLLIN | select.POLLOUT):
         # Hang-up or error: let libpq read it and report the connection as broken.
         return True

@@ -49,6 +49,7 @@ class Runtime:
             sqlite_synchronous=settings.sqlite_synchronous,
             sqlite_busy_timeout=settings.sqlite_busy_timeout_seconds,
             pool_size=settings.db_pool_size,
+            statement_timeout=settings.db_statement_timeout_seconds,
         )
         key = load_public_key(settings.rm_server_public_key_pem) if settings.rm_server_public_key_pem else None
         sessions = make_session_factory(engine)

@@ -299,6 +299,8 @@ class TcpProxy:
         self.listener.listen(128)
         self.port = self.listener.getsockname()[1]
         self.open = True
+        # stall(): everything sent either way is swallowed, and nothing comes back.
+        self.stalled = False
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._stop = False
@@ -312,6 +314,12 @@ class TcpProxy:
                 return
             if not self.open:
                 client.close()
+                continue
+            if self.stalled:
+                # A hung server still takes connections (the kernel does), and answers nothing.
+                with self._lock:
+                    self._conns.append(client)
+                threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
@@ -337,6 +345,8 @@ class TcpProxy:
                     data = src.recv(65536)
                     if not data:
                         return
+                    if self.stalled:
+                        continue
                     if src is b and self.delay:
                         answers.put((time.monotonic() + self.delay, data))
                     else:
@@ -370,8 +380,24 @@ class TcpProxy:
                 conn.close()
             self._conns.clear()
 
+    def _swallow(self, client: socket.socket) -> None:
+        try:
+            while client.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    def stall(self) -> None:
+        """Keep every connection open but let nothing through, either way: a server that hangs."""
+        self.stalled = True
+
     def restore(self) -> None:
-        """Accept and forward connections again."""
+        """Accept and forward connections again (connections that were stalled are closed: their streams lost bytes)."""
+        if self.stalled:
+            self.cut()
+            self.stalled = False
         self.open = True
 
     def close(self) -> None:

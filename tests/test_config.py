@@ -26,6 +26,7 @@ def test_defaults(vectors: dict) -> None:
     assert (s.reconcile_concurrency, s.rm_max_requests_per_second) == (8, 20.0)
     assert s.ops_api_token is None and not s.rm_credentials_configured
     assert s.sqlite_synchronous == "FULL"
+    assert s.db_statement_timeout_seconds == 10.0
 
 
 def test_production_hosts_and_overrides(vectors: dict) -> None:
@@ -58,6 +59,7 @@ def test_refuses_to_start_without_a_server_key() -> None:
         ({"RM_INSECURE_SKIP_SIGNATURE": "maybe"}, "RM_INSECURE_SKIP_SIGNATURE"),
         ({"RM_VOUCHER_LOOKUP_METHOD": "PUT"}, "RM_VOUCHER_LOOKUP_METHOD"),
         ({"SQLITE_SYNCHRONOUS": "OFF"}, "SQLITE_SYNCHRONOUS"),
+        ({"DB_STATEMENT_TIMEOUT_SECONDS": "0"}, "DB_STATEMENT_TIMEOUT_SECONDS"),
     ],
 )
 def test_bad_values_name_the_variable(vectors: dict, env: dict, variable: str) -> None:

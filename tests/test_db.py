@@ -3,6 +3,8 @@ replaced), and SQLite's readers (they never wait for a writer, and cannot write)
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 
 import pytest
@@ -255,3 +257,30 @@ def test_a_reading_session_of_an_sqlite_file_cannot_write(tmp_path) -> None:  # 
         assert db_module.reading(engine) is sessions.reader is db_module.reading(engine)
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_statements_are_bounded_and_the_url_s_options_kept(postgres_url) -> None:  # noqa: ANN001
+    """The service's engine (statement_timeout) cancels a statement that runs too long; options in the URL still apply."""
+    separator = "&" if "?" in postgres_url else "?"
+    bounded = db_module.make_engine(f"{postgres_url}{separator}options=-c%20work_mem%3D5MB", statement_timeout=0.5)
+    unbounded = db_module.make_engine(postgres_url)  # migrations' engine: no limit
+    try:
+        with bounded.connect() as conn:
+            assert (conn.scalar(text("SHOW statement_timeout")), conn.scalar(text("SHOW work_mem"))) == ("500ms", "5MB")
+            # Keepalives on the client's socket, so a server host that vanished is found out.
+            sock = socket.socket(fileno=os.dup(conn.connection.driver_connection.pgconn.socket))
+            try:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+            finally:
+                sock.close()
+            started = time.monotonic()
+            with pytest.raises(Exception) as caught:
+                conn.execute(text("SELECT pg_sleep(5)"))
+            assert db_module.is_unavailable(caught.value) and time.monotonic() - started < 2
+        with unbounded.connect() as conn:
+            assert conn.scalar(text("SHOW statement_timeout")) == "0"
+    finally:
+        bounded.dispose()
+        unbounded.dispose()

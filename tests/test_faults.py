@@ -226,3 +226,92 @@ def test_readyz_right_after_a_postgres_restart_is_ready(postgres_url, postgres_a
             assert ready.status_code == 200, ready.text
     finally:
         server.stop()
+
+
+def _post(base: str, signer, code: str, status: str, step: int, timeout: float = 30) -> tuple[int | None, float]:  # noqa: ANN001
+    body = callback_body(voucher_item(code, status, step))
+    started = time.monotonic()
+    try:
+        answer = requests.post(base + CALLBACK_PATH, data=body, headers=signer.headers(body), timeout=timeout)
+    except requests.RequestException:
+        return None, time.monotonic() - started
+    return answer.status_code, time.monotonic() - started
+
+
+def _history(url: str, code: str) -> tuple[str | None, list[str]]:
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as s:
+            status = s.scalar(select(Voucher.status).where(Voucher.code == code))
+            events = list(s.scalars(select(VoucherEvent.to_status).where(VoucherEvent.voucher_code == code).order_by(VoucherEvent.id)))
+    finally:
+        engine.dispose()
+    return status, events
+
+
+@pytest.mark.postgres
+def test_a_callback_waiting_on_a_locked_voucher_gets_503_in_bounded_time(postgres_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
+    """An operator's open transaction holds the voucher's row: the callback gives up after DB_STATEMENT_TIMEOUT_SECONDS (503), RM's retry applies it once."""
+    from sqlalchemy import create_engine, text
+
+    server = Gunicorn(fresh_settings_env(postgres_url, vectors, tmp_path, DB_STATEMENT_TIMEOUT_SECONDS="1"), workers=1).start()
+    operator = create_engine(postgres_url)
+    try:
+        assert _post(server.base, rm_signer, "PGLOCKED", "VALID", 0)[0] == 200
+        with operator.connect() as psql:
+            psql.execute(text("SELECT id FROM vouchers WHERE code = 'PGLOCKED' FOR UPDATE"))
+            status, took = _post(server.base, rm_signer, "PGLOCKED", "ISSUE", 1)
+            assert status == 503 and 0.9 < took < 5, (status, took)
+            # Nothing of it was kept, and other vouchers are not held up meanwhile.
+            assert _post(server.base, rm_signer, "PGFREE", "VALID", 0)[0] == 200
+            psql.rollback()
+        # RM's retry: the same body, applied as new (the first attempt left no delivery behind).
+        assert _post(server.base, rm_signer, "PGLOCKED", "ISSUE", 1)[0] == 200
+        assert _history(postgres_url, "PGLOCKED") == ("ISSUE", ["VALID", "ISSUE"])
+        assert "canceling statement due to statement timeout" not in server.log_tail()  # no traceback, a warning
+        assert "database unavailable for callback: OperationalError" in server.log_tail()
+    finally:
+        operator.dispose()
+        server.stop()
+
+
+@pytest.mark.postgres
+def test_a_database_server_that_stops_answering_gets_503s_then_recovers(postgres_admin_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
+    """The connections stay open but nothing comes back: callbacks get 503 in bounded time, not a hung worker; then full recovery."""
+    from tests.conftest import create_postgres_database, drop_postgres_database
+    from tests.support import migrate
+
+    url = create_postgres_database(postgres_admin_url)
+    proxy = server = None
+    try:
+        migrate(url)
+        parsed = make_url(url)
+        proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+        via_proxy = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        server = Gunicorn(fresh_settings_env(via_proxy, vectors, tmp_path, DB_STATEMENT_TIMEOUT_SECONDS="1"), workers=1).start()
+        assert _post(server.base, rm_signer, "PGHUNG-0", "VALID", 0)[0] == 200
+        proxy.stall()
+        answers: dict[str, tuple] = {}
+        threads = [
+            threading.Thread(target=lambda c=f"PGHUNG-{i}": answers.__setitem__(c, _post(server.base, rm_signer, c, "ISSUE", 1, timeout=25)))
+            for i in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # 1 s + 2 s of patience for the first group; a later group waits for it, then up to 5 s
+        # for a new connection (connect_timeout). Not asked again on a new connection: it is hung.
+        assert all(status == 503 and took < 10 for status, took in answers.values()), answers
+        proxy.restore()
+        for code in answers:  # RM's retries
+            assert _post(server.base, rm_signer, code, "ISSUE", 1)[0] == 200
+        for code in answers:
+            assert _history(url, code)[0] == "ISSUE"
+        assert _history(url, "PGHUNG-0") == ("ISSUE", ["VALID", "ISSUE"])
+    finally:
+        if server is not None:
+            server.stop()
+        if proxy is not None:
+            proxy.close()
+        drop_postgres_database(postgres_admin_url, url)

@@ -6,6 +6,7 @@ the same psycopg exceptions, and a dead connection must be recognised as one.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -145,3 +146,16 @@ def test_a_dead_connection_is_invalidated_and_replaced(postgres_url, postgres_ad
     finally:
         admin.dispose()
         engine.dispose()
+
+
+def test_a_server_that_stays_silent_is_given_up(driver) -> None:  # noqa: ANN001
+    """With a patience set, no answer for that long closes the connection (OperationalError) instead of waiting for ever."""
+    sleep = pg_pipeline.numbered("SELECT pg_sleep(%s::float8)")
+    pg_pipeline.wait_at_most(driver, 0.3)
+    # An answer within the patience is waited for, over several waits.
+    assert pg_pipeline.send_together(driver, [(sleep, (0.1,)), (sleep, (0.1,))], begin=True, commit=True) == [[("",)], [("",)]]
+    started = time.monotonic()
+    with pytest.raises(pg_pipeline.NoAnswer, match="no answer from the database server for 0.3 s"):
+        pg_pipeline.send_together(driver, [(sleep, (5,))], begin=True, commit=True)
+    assert 0.25 < time.monotonic() - started < 2
+    assert driver.closed  # SQLAlchemy's psycopg dialect takes a closed connection for a disconnect
