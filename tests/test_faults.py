@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -9,6 +10,7 @@ import signal
 import sqlite3
 import threading
 import time
+from typing import Iterator
 
 import pytest
 import requests
@@ -139,28 +141,34 @@ def _assert_no_200_without_commit(url: str, results: list, cut_at: float, restor
     assert answered_ok <= stored, f"{len(answered_ok - stored)} callbacks got a 200 but are not in the database"
 
 
-@pytest.mark.postgres
-def test_postgres_outage_mid_burst_only_503_and_recovers(postgres_admin_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
+@contextlib.contextmanager
+def _postgres_behind_a_proxy(admin_url: str, vectors: dict, tmp_path, workers: int, **env: str) -> Iterator[tuple[str, TcpProxy, Gunicorn]]:  # noqa: ANN001
+    """A throwaway database, a TcpProxy in front of it, and gunicorn connected through the proxy: (url, proxy, server)."""
     from tests.conftest import create_postgres_database, drop_postgres_database
     from tests.support import migrate
 
-    url = create_postgres_database(postgres_admin_url)
-    proxy = None
-    server = None
+    url = create_postgres_database(admin_url)
+    proxy = server = None
     try:
         migrate(url)
         parsed = make_url(url)
         proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
         via_proxy = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        server = Gunicorn(fresh_settings_env(via_proxy, vectors, tmp_path), workers=3).start()
-        results, cut_at, restored_at = _run_burst(server.base, rm_signer, proxy.cut, proxy.restore, "PGB")
-        _assert_no_200_without_commit(url, results, cut_at, restored_at)
+        server = Gunicorn(fresh_settings_env(via_proxy, vectors, tmp_path, **env), workers=workers).start()
+        yield url, proxy, server
     finally:
         if server is not None:
             server.stop()
         if proxy is not None:
             proxy.close()
-        drop_postgres_database(postgres_admin_url, url)
+        drop_postgres_database(admin_url, url)
+
+
+@pytest.mark.postgres
+def test_postgres_outage_mid_burst_only_503_and_recovers(postgres_admin_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
+    with _postgres_behind_a_proxy(postgres_admin_url, vectors, tmp_path, workers=3) as (url, proxy, server):
+        results, cut_at, restored_at = _run_burst(server.base, rm_signer, proxy.cut, proxy.restore, "PGB")
+        _assert_no_200_without_commit(url, results, cut_at, restored_at)
 
 
 def test_sqlite_locked_mid_burst_only_503_and_recovers(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
@@ -278,17 +286,7 @@ def test_a_callback_waiting_on_a_locked_voucher_gets_503_in_bounded_time(postgre
 @pytest.mark.postgres
 def test_a_database_server_that_stops_answering_gets_503s_then_recovers(postgres_admin_url, vectors, tmp_path, rm_signer) -> None:  # noqa: ANN001
     """The connections stay open but nothing comes back: callbacks get 503 in bounded time, not a hung worker; then full recovery."""
-    from tests.conftest import create_postgres_database, drop_postgres_database
-    from tests.support import migrate
-
-    url = create_postgres_database(postgres_admin_url)
-    proxy = server = None
-    try:
-        migrate(url)
-        parsed = make_url(url)
-        proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
-        via_proxy = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        server = Gunicorn(fresh_settings_env(via_proxy, vectors, tmp_path, DB_STATEMENT_TIMEOUT_SECONDS="1"), workers=1).start()
+    with _postgres_behind_a_proxy(postgres_admin_url, vectors, tmp_path, workers=1, DB_STATEMENT_TIMEOUT_SECONDS="1") as (url, proxy, server):
         assert _post(server.base, rm_signer, "PGHUNG-0", "VALID", 0)[0] == 200
         proxy.stall()
         answers: dict[str, tuple] = {}
@@ -309,9 +307,3 @@ def test_a_database_server_that_stops_answering_gets_503s_then_recovers(postgres
         for code in answers:
             assert _history(url, code)[0] == "ISSUE"
         assert _history(url, "PGHUNG-0") == ("ISSUE", ["VALID", "ISSUE"])
-    finally:
-        if server is not None:
-            server.stop()
-        if proxy is not None:
-            proxy.close()
-        drop_postgres_database(postgres_admin_url, url)
