@@ -183,8 +183,8 @@ def _bounded_waits(query: Mapping[str, Any], statement_timeout: float | None) ->
     if statement_timeout is None:
         return {}
     milliseconds = max(1, round(statement_timeout * 1000))
-    given = query.get("options")
-    options = " ".join(o for o in ((given if isinstance(given, str) else " ".join(given or ())), f"-c statement_timeout={milliseconds}") if o)
+    given = query.get("options") or ()
+    options = " ".join([*([given] if isinstance(given, str) else given), f"-c statement_timeout={milliseconds}"])
     keepalives = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
     return {"options": options, **{k: v for k, v in keepalives.items() if k not in query}}
 

@@ -172,7 +172,7 @@ def _next_result(pgconn: Any, patience: int) -> Any:
 def _wait(pgconn: Any, patience: int, *, write: bool) -> bool:
     """Block until the socket is readable (or writable, if ``write``); whether there is something to read.
 
-    OperationalError if nothing happens for ``patience`` milliseconds (-1: wait for ever).
+    NoAnswer if nothing happens for ``patience`` milliseconds (-1: wait for ever).
     """
     poller = select.poll()
     poller.register(pgconn.socket, select.POLLIN | (select.POLLOUT if write else 0))
