@@ -82,6 +82,7 @@ class Settings:
     stamps_timeout_seconds: float = 15.0
     stamps_max_retries: int = 2
     rejected_deliveries_per_minute: int = 120
+    rejected_deliveries_total_per_minute: int = 600
 
     def secret_values(self) -> list[str]:
         """Values that must never appear in a log line."""
@@ -271,4 +272,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stamps_timeout_seconds=_float(env, "STAMPS_TIMEOUT_SECONDS", 15.0),
         stamps_max_retries=_int(env, "STAMPS_MAX_RETRIES", 2, minimum=0, maximum=10),
         rejected_deliveries_per_minute=_int(env, "REJECTED_DELIVERIES_PER_MINUTE", 120, minimum=0),
+        rejected_deliveries_total_per_minute=_int(env, "REJECTED_DELIVERIES_TOTAL_PER_MINUTE", 600, minimum=0),
     )

@@ -60,11 +60,14 @@ STORED_HEADERS = (
 
 
 class RejectionLimiter:
-    """Per-source token buckets deciding which rejected deliveries are stored (this process only).
+    """Token buckets deciding which rejected deliveries are stored (this process only): one per source, one for all sources.
 
-    Genuine callbacks are never limited; rejected ones beyond ``per_minute`` from one address are
-    answered as usual but not written, so forged floods cost neither disk nor database time.
-    A source that starts rejecting has at most ``MAX_BURST`` stored at once, the rest at the rate.
+    Genuine callbacks are never limited; rejected ones beyond ``per_minute`` from one address, or
+    beyond ``total_per_minute`` from all addresses together, are answered as usual but not
+    written, so forged floods cost neither disk nor database time. Source addresses are cheap to
+    vary (an IPv6 block, a botnet), and each new one starts with a full bucket: without the
+    bucket for all of them, a flood from many addresses would be stored nearly whole.
+    A bucket that starts rejecting has at most ``MAX_BURST`` stored at once, the rest at the rate.
     """
 
     # Each stored rejection is a transaction with its own durable commit. At the start of a flood
@@ -73,24 +76,30 @@ class RejectionLimiter:
     # default threaded workers), where a bucket of 10 left a p99 of 17-25 ms.
     MAX_BURST = 10
 
-    def __init__(self, per_minute: int, max_sources: int = 10_000) -> None:
+    def __init__(self, per_minute: int, total_per_minute: int, max_sources: int = 10_000) -> None:
         self.rate = per_minute / 60.0
         self.burst = float(max(1, min(per_minute, self.MAX_BURST)))
+        self.total_rate = total_per_minute / 60.0
+        self.total_burst = float(max(1, min(total_per_minute, self.MAX_BURST)))
         self.max_sources = max_sources
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._total = (self.total_burst, time.monotonic())
         self._lock = threading.Lock()
 
     def allow(self, source: str | None) -> bool:
-        """Take one token for ``source``; False when its bucket is empty."""
-        if self.rate <= 0:
+        """Take one token for ``source`` and one for all sources; False when either bucket is empty."""
+        if self.rate <= 0 or self.total_rate <= 0:
             return False
         key = source or "-"
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.pop(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
-            allowed = tokens >= 1
+            total, total_last = self._total
+            total = min(self.total_burst, total + (now - total_last) * self.total_rate)
+            allowed = tokens >= 1 and total >= 1
             self._buckets[key] = (tokens - 1 if allowed else tokens, now)
+            self._total = (total - 1 if allowed else total, now)
             while len(self._buckets) > self.max_sources:
                 self._buckets.popitem(last=False)
             return allowed

@@ -58,7 +58,9 @@ class Runtime:
             engine=engine,
             sessions=sessions,
             server_public_key=key,
-            rejection_limiter=RejectionLimiter(settings.rejected_deliveries_per_minute),
+            rejection_limiter=RejectionLimiter(
+                settings.rejected_deliveries_per_minute, settings.rejected_deliveries_total_per_minute
+            ),
             callbacks=GroupCommit(engine, turn=writer_turn(engine)),
         )
 

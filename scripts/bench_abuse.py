@@ -52,9 +52,9 @@ def forged_records(count: int) -> list[Record]:
 
 
 def _flood(args: tuple) -> dict:
-    port, records, rate, generator = args
+    port, records, rate, generator, sources = args
     if generator == "selectors":
-        return run_flood("127.0.0.1", port, [r.raw(f"127.0.0.1:{port}") for r in records], rate=rate)
+        return run_flood("127.0.0.1", port, [r.raw(f"127.0.0.1:{port}") for r in records], rate=rate, sources=sources)
     result = run_fixed_rate("127.0.0.1", port, records, rate=rate, lead_in=0.0, server_pid=None, label="flood")
     # Every answer counts here (they are all 401s), not only 200s as for genuine traffic.
     answered = result.responses / result.duration if result.duration else 0.0
@@ -74,14 +74,15 @@ def db_size(url: str, path: Path | None) -> int:
         engine.dispose()
 
 
-def stored_rejections(url: str) -> int:
-    """Rejected deliveries written so far."""
+def stored_rejections(url: str) -> tuple[int, int]:
+    """Rejected deliveries written so far, and from how many source addresses."""
     engine = create_engine(normalise_url(url))
     try:
         with engine.connect() as conn:
-            return conn.execute(
-                select(func.count()).select_from(WebhookDelivery).where(WebhookDelivery.outcome == "rejected_signature")
-            ).scalar()
+            return tuple(conn.execute(
+                select(func.count(), func.count(WebhookDelivery.remote_addr.distinct()))
+                .where(WebhookDelivery.outcome == "rejected_signature")
+            ).one())
     finally:
         engine.dispose()
 
@@ -94,11 +95,15 @@ def main() -> int:
     parser.add_argument("--forged-rate", type=float, default=1000.0)
     parser.add_argument("--genuine-rate", type=float, default=50.0)
     parser.add_argument("--workers", type=int, default=None, help="default: gunicorn.conf.py's for the database")
+    parser.add_argument("--forged-sources", type=int, default=1,
+                        help="source addresses the flood takes turns among (127.1.x.y; needs --flood-generator selectors)")
     parser.add_argument(
         "--flood-generator", choices=("selectors", "asyncio"), default="selectors",
         help="selectors: loadgen.run_flood, about half the CPU of asyncio (run_fixed_rate, the generator before 2026-12-02)",
     )
     args = parser.parse_args()
+    if args.forged_sources > 1 and args.flood_generator != "selectors":
+        parser.error("--forged-sources needs --flood-generator selectors")
 
     work = Path(tempfile.mkdtemp(prefix="bench-abuse-"))
     sqlite_path = None
@@ -130,7 +135,7 @@ def main() -> int:
                                server_pid=pid, label="genuine alone")
         size1 = db_size(url, sqlite_path)
         with multiprocessing.get_context("fork").Pool(1) as pool:
-            flood = pool.map_async(_flood, [(server.port, forged, args.forged_rate, args.flood_generator)])
+            flood = pool.map_async(_flood, [(server.port, forged, args.forged_rate, args.flood_generator, args.forged_sources)])
             under = run_fixed_rate("127.0.0.1", server.port, genuine[half:], rate=args.genuine_rate, lead_in=1.0,
                                    server_pid=pid, label="genuine under flood")
             flood_result = flood.get()[0]
@@ -144,7 +149,7 @@ def main() -> int:
             drop_postgres_database(admin, url)
 
     kind = make_url(url).get_backend_name()
-    print(f"\ndatabase: {kind}, gunicorn workers: {workers}, REJECTED_DELIVERIES_PER_MINUTE: 120 (default)")
+    print(f"\ndatabase: {kind}, gunicorn workers: {workers}, REJECTED_DELIVERIES_PER_MINUTE: 120, REJECTED_DELIVERIES_TOTAL_PER_MINUTE: 600 (defaults)")
     for phase in (alone, under):
         lat = phase.latency_ms
         cores = ", ".join(f"{k} {v:.2f}" for k, v in phase.cpu.items() if k != "wall")
@@ -153,10 +158,11 @@ def main() -> int:
     slowest = ", ".join(f"{ms:.0f} ms at {at:.1f} s" for ms, at in under.extra["slowest"])
     print(f"slowest under flood    {slowest} (seconds after the first genuine callback; the flood starts with it)")
     print(f"forged flood           {flood_result['statuses']}  achieved {flood_result['achieved']:.0f}/s of "
-          f"{args.forged_rate:.0f}/s offered for {flood_seconds:g} s; generator send lag p99 "
+          f"{args.forged_rate:.0f}/s offered for {flood_seconds:g} s from {args.forged_sources} source "
+          f"address{'es' if args.forged_sources > 1 else ''}; generator send lag p99 "
           f"{flood_result['send_lag_p99']:.1f} ms; generator ({args.flood_generator}) CPU "
           f"{flood_result['cpu'] / flood_seconds:.2f} cores")
-    print(f"rejected rows stored   {rejected_rows} of {len(forged)} forged")
+    print(f"rejected rows stored   {rejected_rows[0]} of {len(forged)} forged, from {rejected_rows[1]} source address(es)")
     print(f"database growth        genuine phase {(size1 - size0) / 1024:.0f} KiB; flood phase "
           f"{(size2 - size1) / 1024:.0f} KiB (genuine included)")
     print(f"genuine p99 target     <= 25 ms: {'met' if under.latency_ms['p99'] <= 25 else 'NOT met'}")

@@ -34,11 +34,13 @@ def settings_env(migrated_url, vectors, tmp_path) -> dict[str, str]:  # noqa: AN
     """conftest's app environment, with two changes for thousands of requests from one address.
 
     SQLite's synchronous=NORMAL: no fsync per commit. And no practical cap on stored rejected
-    deliveries (by default only 120 a minute per source are written), so that every rejected
-    request here must leave exactly one `webhook_deliveries` row: storing it must never fail.
+    deliveries (by default only 120 a minute per source and 600 from all sources are written), so
+    that every rejected request here must leave exactly one `webhook_deliveries` row: storing it
+    must never fail.
     """
     return fresh_settings_env(
-        migrated_url, vectors, tmp_path, SQLITE_SYNCHRONOUS="NORMAL", REJECTED_DELIVERIES_PER_MINUTE=str(10**9)
+        migrated_url, vectors, tmp_path, SQLITE_SYNCHRONOUS="NORMAL",
+        REJECTED_DELIVERIES_PER_MINUTE=str(10**9), REJECTED_DELIVERIES_TOTAL_PER_MINUTE=str(10**9),
     )
 
 

@@ -321,6 +321,34 @@ def test_a_flood_starting_from_one_source_has_at_most_ten_rejections_stored_at_o
     assert 10 <= stored <= 11
 
 
+def test_a_forged_flood_from_many_addresses_is_stored_bounded_too(settings_env, rm_signer) -> None:  # noqa: ANN001
+    """Each new address starts with a full bucket; the bucket for all of them together bounds what a spread-out flood stores."""
+    from receiver import create_app
+    from receiver.config import load_settings
+
+    app = create_app(load_settings({**settings_env, "REJECTED_DELIVERIES_TOTAL_PER_MINUTE": "12"}))
+    db = app.extensions["rm_voucher_sync"].sessions
+    try:
+        client = app.test_client()
+        forged = callback_body(voucher_item("SPREAD", "VOID"))
+        answers = [
+            client.post(CALLBACK_PATH, data=forged, headers={"Content-Type": "application/json"},
+                        environ_base={"REMOTE_ADDR": f"2001:db8::{i:x}"}).status_code
+            for i in range(40)
+        ]
+        good = callback_body(voucher_item("GENUINE", "ISSUE"))
+        genuine = client.post(CALLBACK_PATH, data=good, headers=rm_signer.headers(good), environ_base={"REMOTE_ADDR": "2001:db8::1"})
+        with db() as s:
+            stored = s.scalar(select(func.count()).select_from(WebhookDelivery).where(WebhookDelivery.outcome == "rejected_signature"))
+    finally:
+        app.extensions["rm_voucher_sync"].engine.dispose()
+    assert answers == [401] * 40
+    assert genuine.get_json() == {"status": "accepted"}, "genuine callbacks are never limited"
+    # Ten at once; the 0.2 a second of the rate may add one while the 40 requests run. Each
+    # address alone (120 a minute, 10 at once) would have let all 40 through.
+    assert 10 <= stored <= 11
+
+
 def test_rejected_deliveries_are_stored_bounded_and_rate_limited_per_source(settings_env, rm_signer) -> None:  # noqa: ANN001
     from receiver import create_app
     from receiver.config import load_settings

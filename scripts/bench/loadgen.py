@@ -206,14 +206,27 @@ def run_fixed_rate(
     return result
 
 
-def run_flood(host: str, port: int, raws: list[bytes], *, rate: float, timeout: float = 10.0) -> dict:
+def flood_source(index: int, sources: int) -> str | None:
+    """The loopback address request ``index`` of a flood comes from, spread over ``sources`` (None: the default one).
+
+    Linux routes all of 127.0.0.0/8 to the loopback interface, so a client socket bound to
+    127.1.x.y reaches a server on 127.0.0.1 and the server sees that address as its peer.
+    """
+    if sources <= 1:
+        return None
+    n = index % sources
+    return f"127.1.{n // 250}.{n % 250 + 1}"
+
+
+def run_flood(host: str, port: int, raws: list[bytes], *, rate: float, timeout: float = 10.0, sources: int = 1) -> dict:
     """Send ``raws`` open-loop at ``rate``/s, each on its own connection, as cheaply as Python can.
 
     For floods, whose latency nobody measures: only the answers' statuses, the achieved rate and
     the generator's own cost. run_fixed_rate's asyncio machinery cost ~0.45 ms of CPU a request,
     so a 1,000/s flood took ~0.45 of the machine's 2 cores from the server it was measuring. Here a
     selectors loop over non-blocking sockets does only what a request needs: connect, send, read
-    until the server closes (it does: no keep-alive), keep the status code.
+    until the server closes (it does: no keep-alive), keep the status code. With ``sources`` > 1
+    the requests take turns among that many source addresses (flood_source).
     """
     sel = selectors.DefaultSelector()
     statuses: dict[str, int] = {}
@@ -237,6 +250,9 @@ def run_flood(host: str, port: int, raws: list[bytes], *, rate: float, timeout: 
                 lags.append(now - (start + sent / rate))
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.setblocking(False)
+                source = flood_source(sent, sources)
+                if source is not None:
+                    sock.bind((source, 0))
                 sock.connect_ex((host, port))  # EINPROGRESS; writable once connected
                 # [what is left to send, what was read]
                 sel.register(sock, selectors.EVENT_WRITE, [memoryview(raws[sent]), bytearray()])
