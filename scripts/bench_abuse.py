@@ -4,7 +4,8 @@
 Runs the real gunicorn server (production settings) on SQLite (default) or PostgreSQL, then:
   1. genuine signed callbacks alone at --genuine-rate/s (baseline latency);
   2. the same genuine rate while --forged-rate forged callbacks/s (valid JSON, bad signatures,
-     one source address) arrive, from before the first to after the last counted genuine one;
+     from one source address, or taking turns among --forged-sources loopback addresses) arrive,
+     from before the first to after the last counted genuine one;
 and prints genuine p50/p99 in both phases, the flood's answers, how many rejected deliveries were
 stored (bounded, rate-limited per source) and how much the database grew.
 
