@@ -42,6 +42,11 @@ def default_web_concurrency(cores: int) -> int:
 DEFAULT_WEB_THREADS = 8
 
 
+def web_client_timeout_seconds(env: Mapping[str, str] | None = None) -> float:
+    """WEB_CLIENT_TIMEOUT_SECONDS: how long a web worker's thread waits for a client's next bytes (default 10)."""
+    return _float(os.environ if env is None else env, "WEB_CLIENT_TIMEOUT_SECONDS", 10.0)
+
+
 class ConfigError(Exception):
     """A configuration variable is missing or invalid; the message names it in one line."""
 
@@ -83,6 +88,7 @@ class Settings:
     stamps_max_retries: int = 2
     rejected_deliveries_per_minute: int = 120
     rejected_deliveries_total_per_minute: int = 600
+    web_client_timeout_seconds: float = 10.0
 
     def secret_values(self) -> list[str]:
         """Values that must never appear in a log line."""
@@ -273,4 +279,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stamps_max_retries=_int(env, "STAMPS_MAX_RETRIES", 2, minimum=0, maximum=10),
         rejected_deliveries_per_minute=_int(env, "REJECTED_DELIVERIES_PER_MINUTE", 120, minimum=0),
         rejected_deliveries_total_per_minute=_int(env, "REJECTED_DELIVERIES_TOTAL_PER_MINUTE", 600, minimum=0),
+        web_client_timeout_seconds=web_client_timeout_seconds(env),
     )

@@ -13,6 +13,12 @@ connection then wakes one thread per process, and the process that gets to accep
 one whose threads are not all busy holding its GIL, as with sync workers. A process with every
 thread busy accepts nothing, where gthread kept accepting into its queue. Requests are served
 one per connection (no keep-alive), as gunicorn.conf.py sets.
+
+A thread waits at most WEB_CLIENT_TIMEOUT_SECONDS for a client's next bytes (the request, its
+body, room to write the answer), then drops the connection. Without that bound a connection that
+sends nothing held its thread for ever (the main thread's heartbeat kept the master from
+restarting the worker, as it would a sync worker's), and 3 x 8 idle connections, which a client
+that vanished or anyone can leave open, stopped the service answering at all.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ from __future__ import annotations
 import errno
 import os
 import select
+import socket
 import threading
 import time
 
 from gunicorn import util
 from gunicorn.workers.sync import SyncWorker
+
+from .config import web_client_timeout_seconds
 
 # How often a waiting thread looks up to see whether the worker is shutting down.
 _POLL_SECONDS = 0.5
@@ -37,6 +46,7 @@ class AcceptingThreadsWorker(SyncWorker):
         """Serve until told to stop, then let the requests in hand finish (up to graceful_timeout)."""
         for listener in self.sockets:
             listener.setblocking(False)
+        self._client_timeout = web_client_timeout_seconds()
         self._accept_turn = threading.Lock()
         threads = [
             threading.Thread(target=self._serve, name=f"http-{index}", daemon=True)
@@ -66,14 +76,32 @@ class AcceptingThreadsWorker(SyncWorker):
                     accepted = self._accept_one()
                 finally:
                     self._accept_turn.release()
-                if accepted is not None:
-                    # handle() answers every error of the request itself; only accept's reach here.
-                    self.handle(*accepted)
+                if accepted is None:
+                    continue
+                listener, client, addr = accepted
+                if not self._sends_something(client, addr):
+                    util.close(client)
+                    continue
+                # handle() answers every error of the request itself; only accept's reach here.
+                self.handle(listener, client, addr)
         except Exception:
             # As a sync worker would, the process stops and the master starts a fresh one.
             self.log.exception("A serving thread failed; stopping this worker")
             self.alive = False
             os.write(self.PIPE[1], b".")
+
+    def _sends_something(self, client: socket.socket, addr: tuple | None) -> bool:
+        """Wait (up to the client timeout) for the request's first byte; False, quietly, for a connection that sends none.
+
+        One that stops half-way through its request times out inside handle(), which logs it.
+        """
+        try:
+            return bool(client.recv(1, socket.MSG_PEEK))
+        except TimeoutError:
+            self.log.info("Closing a connection from %s that sent nothing for %g s", addr[0] if addr else "?", self._client_timeout)
+        except OSError:
+            pass  # reset before it sent anything
+        return False
 
     def _accept_one(self) -> tuple | None:
         """A connection from a listening socket, or None after _POLL_SECONDS or when another process took it."""
@@ -86,7 +114,7 @@ class AcceptingThreadsWorker(SyncWorker):
                 if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
                     continue
                 raise
-            client.setblocking(True)
+            client.settimeout(self._client_timeout)
             util.close_on_exec(client)
             return listener, client, addr
         return None

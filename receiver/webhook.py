@@ -33,6 +33,17 @@ def _read_body() -> tuple[bytes, bool]:
     return body, len(body) > MAX_BODY_BYTES
 
 
+def _incoming(body: bytes, *, complete: bool) -> IncomingCallback:
+    """This request as received: ``body`` and what we keep of its headers and origin."""
+    return IncomingCallback(
+        body=body,
+        headers=deliveries.pick_headers(request.environ),
+        remote_addr=request.remote_addr,
+        content_type=request.content_type,
+        complete=complete,
+    )
+
+
 def _is_json(mimetype: str) -> bool:
     return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
 
@@ -98,14 +109,17 @@ def _reject(
 def voucher_callback() -> tuple[Response, int]:
     """Receive one RM voucher status callback; 200 only once its effect is committed."""
     runtime = current_runtime()
-    body, too_large = _read_body()
-    incoming = IncomingCallback(
-        body=body,
-        headers=deliveries.pick_headers(request.environ),
-        remote_addr=request.remote_addr,
-        content_type=request.content_type,
-        complete=not too_large,
-    )
+    try:
+        body, too_large = _read_body()
+    except TimeoutError:
+        # The worker's socket timeout (WEB_CLIENT_TIMEOUT_SECONDS): the body stopped coming. What
+        # had arrived is lost inside the reader, so the row keeps the headers and an empty body.
+        return _reject(
+            _incoming(b"", complete=False), 400, DeliveryOutcome.REJECTED_MALFORMED,
+            f"request body incomplete: nothing more for {runtime.settings.web_client_timeout_seconds:g} s",
+            {"error": "malformed", "detail": "request body incomplete"},
+        )
+    incoming = _incoming(body, complete=not too_large)
     if too_large:
         return _reject(
             incoming, 413, DeliveryOutcome.REJECTED_MALFORMED, f"body larger than {MAX_BODY_BYTES} bytes",

@@ -60,6 +60,7 @@ def test_refuses_to_start_without_a_server_key() -> None:
         ({"RM_VOUCHER_LOOKUP_METHOD": "PUT"}, "RM_VOUCHER_LOOKUP_METHOD"),
         ({"SQLITE_SYNCHRONOUS": "OFF"}, "SQLITE_SYNCHRONOUS"),
         ({"DB_STATEMENT_TIMEOUT_SECONDS": "0"}, "DB_STATEMENT_TIMEOUT_SECONDS"),
+        ({"WEB_CLIENT_TIMEOUT_SECONDS": "soon"}, "WEB_CLIENT_TIMEOUT_SECONDS"),
     ],
 )
 def test_bad_values_name_the_variable(vectors: dict, env: dict, variable: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -86,12 +87,12 @@ def test_threaded_workers_close_each_connection_so_load_spreads(migrated_url, ve
 
 
 @contextmanager
-def _one_worker(tmp_path, vectors) -> Iterator[tuple[Gunicorn, Path]]:  # noqa: ANN001
+def _one_worker(tmp_path, vectors, **env: str) -> Iterator[tuple[Gunicorn, Path]]:  # noqa: ANN001
     """One web worker, with the default threads, on a fresh SQLite file: (server, the file)."""
     path = tmp_path / "receiver.db"
     url = f"sqlite:///{path}"
     migrate(url)
-    server = Gunicorn(fresh_settings_env(url, vectors, tmp_path), workers=1).start()
+    server = Gunicorn(fresh_settings_env(url, vectors, tmp_path, **env), workers=1).start()
     try:
         yield server, path
     finally:
@@ -135,6 +136,51 @@ def test_one_threaded_worker_answers_callbacks_at_once_and_commits_them_together
         assert float(samples["rmvs_group_commit_callbacks_sum"]) == 6
         assert float(samples["rmvs_group_commit_callbacks_count"]) <= 3, samples
     assert sqlite3.connect(path).execute("SELECT count(*) FROM vouchers WHERE status = 'ISSUE'").fetchone() == (6,)
+
+
+def test_connections_that_send_nothing_cannot_take_every_thread(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
+    """More idle connections than the worker has threads: each is dropped after WEB_CLIENT_TIMEOUT_SECONDS, and callbacks get through."""
+    with _one_worker(tmp_path, vectors, WEB_CLIENT_TIMEOUT_SECONDS="1") as (server, path):
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]  # 8 threads
+        try:
+            time.sleep(0.3)
+            body = callback_body(voucher_item("IDLEFREE", "ISSUE"))
+            started = time.monotonic()
+            answer = requests.post(server.base + CALLBACK_PATH, data=body, headers=rm_signer.headers(body), timeout=20)
+            assert answer.status_code == 200 and time.monotonic() - started < 4
+            # The server closed them: each reads end-of-file.
+            for conn in idle:
+                conn.settimeout(5)
+                assert conn.recv(1) == b""
+        finally:
+            for conn in idle:
+                conn.close()
+        assert "that sent nothing for 1 s" in server.log_tail()
+    assert sqlite3.connect(path).execute("SELECT status FROM vouchers WHERE code = 'IDLEFREE'").fetchone() == ("ISSUE",)
+
+
+def test_a_callback_whose_body_stops_coming_is_a_recorded_400(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
+    """Headers promise a body that never arrives: 400 malformed after WEB_CLIENT_TIMEOUT_SECONDS, the delivery recorded, the thread free."""
+    with _one_worker(tmp_path, vectors, WEB_CLIENT_TIMEOUT_SECONDS="1") as (server, path):
+        body = callback_body(voucher_item("HALFBODY", "ISSUE"))
+        head = (
+            f"POST {CALLBACK_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in rm_signer.headers(body).items() if k != "Content-Type")
+            + "\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(head + body[: len(body) // 2])
+            started = time.monotonic()
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 ") and b'"malformed"' in answer and b"incomplete" in answer, answer
+        assert 0.9 < time.monotonic() - started < 5
+        assert "Traceback" not in server.log_tail()
+    row = sqlite3.connect(path).execute("SELECT outcome, http_status, body_truncated, error FROM webhook_deliveries").fetchall()
+    assert [(r[0], r[1], r[2]) for r in row] == [("rejected_malformed", 400, 1)] and "incomplete" in row[0][3]
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM vouchers").fetchone() == (0,)
 
 
 def test_sigterm_lets_the_threads_finish_the_callbacks_in_hand(tmp_path, vectors, rm_signer) -> None:  # noqa: ANN001
