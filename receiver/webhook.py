@@ -111,9 +111,10 @@ def voucher_callback() -> tuple[Response, int]:
     runtime = current_runtime()
     try:
         body, too_large = _read_body()
-    except TimeoutError:
-        # The worker's socket timeout (WEB_CLIENT_TIMEOUT_SECONDS): the body stopped coming. What
-        # had arrived is lost inside the reader, so the row keeps the headers and an empty body.
+    except (BlockingIOError, TimeoutError):
+        # The worker's socket timeout (WEB_CLIENT_TIMEOUT_SECONDS, a kernel SO_RCVTIMEO: EAGAIN):
+        # the body stopped coming. What had arrived is lost inside the reader, so the row keeps
+        # the headers and an empty body.
         return _reject(
             _incoming(b"", complete=False), 400, DeliveryOutcome.REJECTED_MALFORMED,
             f"request body incomplete: nothing more for {runtime.settings.web_client_timeout_seconds:g} s",
