@@ -292,6 +292,16 @@ def test_insecure_mode_accepts_unsigned_only_when_explicit(migrated_url, tmp_pat
         app.extensions["rm_voucher_sync"].engine.dispose()
 
 
+def _forged_from(client, code: str, addresses: list[str]) -> list[int]:  # noqa: ANN001
+    """POST one unsigned callback for ``code`` from each address in turn; the status codes."""
+    forged = callback_body(voucher_item(code, "VOID"))
+    return [
+        client.post(CALLBACK_PATH, data=forged, headers={"Content-Type": "application/json"},
+                    environ_base={"REMOTE_ADDR": address}).status_code
+        for address in addresses
+    ]
+
+
 def test_a_flood_starting_from_one_source_has_at_most_ten_rejections_stored_at_once(settings_env) -> None:  # noqa: ANN001
     """At the default 120 a minute, a flood's first rejections are not all stored: each is a durable commit of its own.
 
@@ -305,12 +315,7 @@ def test_a_flood_starting_from_one_source_has_at_most_ten_rejections_stored_at_o
     db = app.extensions["rm_voucher_sync"].sessions
     try:
         client = app.test_client()
-        forged = callback_body(voucher_item("FLOODSTART", "VOID"))
-        answers = [
-            client.post(CALLBACK_PATH, data=forged, headers={"Content-Type": "application/json"},
-                        environ_base={"REMOTE_ADDR": "203.0.113.10"}).status_code
-            for _ in range(25)
-        ]
+        answers = _forged_from(client, "FLOODSTART", ["203.0.113.10"] * 25)
         with db() as s:
             stored = s.scalar(select(func.count()).select_from(WebhookDelivery).where(
                 WebhookDelivery.remote_addr == "203.0.113.10"))
@@ -330,12 +335,7 @@ def test_a_forged_flood_from_many_addresses_is_stored_bounded_too(settings_env, 
     db = app.extensions["rm_voucher_sync"].sessions
     try:
         client = app.test_client()
-        forged = callback_body(voucher_item("SPREAD", "VOID"))
-        answers = [
-            client.post(CALLBACK_PATH, data=forged, headers={"Content-Type": "application/json"},
-                        environ_base={"REMOTE_ADDR": f"2001:db8::{i:x}"}).status_code
-            for i in range(40)
-        ]
+        answers = _forged_from(client, "SPREAD", [f"2001:db8::{i:x}" for i in range(40)])
         good = callback_body(voucher_item("GENUINE", "ISSUE"))
         genuine = client.post(CALLBACK_PATH, data=good, headers=rm_signer.headers(good), environ_base={"REMOTE_ADDR": "2001:db8::1"})
         with db() as s:
