@@ -93,16 +93,20 @@ class RejectionLimiter:
         key = source or "-"
         now = time.monotonic()
         with self._lock:
-            tokens, last = self._buckets.pop(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            total, total_last = self._total
-            total = min(self.total_burst, total + (now - total_last) * self.total_rate)
+            tokens = _refilled(self._buckets.pop(key, (self.burst, now)), now, self.rate, self.burst)
+            total = _refilled(self._total, now, self.total_rate, self.total_burst)
             allowed = tokens >= 1 and total >= 1
             self._buckets[key] = (tokens - 1 if allowed else tokens, now)
             self._total = (total - 1 if allowed else total, now)
             while len(self._buckets) > self.max_sources:
                 self._buckets.popitem(last=False)
             return allowed
+
+
+def _refilled(bucket: tuple[float, float], now: float, rate: float, burst: float) -> float:
+    """The tokens of a (tokens, last update) bucket at ``now``, refilled at ``rate`` a second up to ``burst``."""
+    tokens, last = bucket
+    return min(burst, tokens + (now - last) * rate)
 
 
 class NonceReused(Exception):
