@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from receiver.config import default_web_concurrency  # noqa: E402
+from receiver.config import Settings, default_web_concurrency  # noqa: E402
 from receiver.db import normalise_url  # noqa: E402
 from receiver.models import WebhookDelivery  # noqa: E402
 from scripts.bench import stop_cleanly_on_sigterm  # noqa: E402
@@ -150,7 +150,12 @@ def main() -> int:
             drop_postgres_database(admin, url)
 
     kind = make_url(url).get_backend_name()
-    print(f"\ndatabase: {kind}, gunicorn workers: {workers}, REJECTED_DELIVERIES_PER_MINUTE: 120, REJECTED_DELIVERIES_TOTAL_PER_MINUTE: 600 (defaults)")
+    limits = ", ".join(
+        f"{name}: {os.environ.get(name) or f'{default} (default)'}"
+        for name, default in (("REJECTED_DELIVERIES_PER_MINUTE", Settings.rejected_deliveries_per_minute),
+                              ("REJECTED_DELIVERIES_TOTAL_PER_MINUTE", Settings.rejected_deliveries_total_per_minute))
+    )
+    print(f"\ndatabase: {kind}, gunicorn workers: {workers}, {limits}")
     for phase in (alone, under):
         lat = phase.latency_ms
         cores = ", ".join(f"{k} {v:.2f}" for k, v in phase.cpu.items() if k != "wall")
